@@ -1,0 +1,119 @@
+"""`hywia prune` and `hywia eval ppl`: parse, call the API, print. Errors are one line, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+from .errors import HywiaError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="packaged short name (smollm2-135m, gemma3-270m), .gguf file, directory or hub id")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="offline data folder (default $HYWIA_DATA_DIR): wikitext2/, ptb/ as released")
+    p.add_argument("--json", action="store_true", help="print one JSON result object instead of text")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save the smaller model")
+    _add_common(p)
+    p.add_argument("--method", default="element2", help="random, l1, l2, vector, element1, element2")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of the prunable parameters to remove, 0 < ratio < 1")
+    p.add_argument("--calib", default="wikitext2", help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--scope", default="layer", help="layer: same ratio in every layer; global: one ranking across layers")
+    p.add_argument("--target", default="both", help="attention, mlp or both")
+    p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
+    p.add_argument("--min-keep", type=int, default=1, help="groups every layer keeps (MLP may go to 0; attention keeps 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ppl = esub.add_parser("ppl", help="perplexity on the test split")
+    _add_common(ppl)
+    ppl.add_argument("--data", default=["wikitext2"], nargs="+", help="wikitext2, ptb or text file paths (several allowed)")
+    ppl.add_argument("--seq-len", type=int, default=128)
+    ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a fixed subset)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    return parser
+
+
+def _prune(args) -> dict:
+    from .data import data_dir
+    from .io import check_output, load_model, save_model
+    from .prune import check_options, prune
+
+    check_output(args.out, args.overwrite)  # fail before minutes of work, not after
+    check_options(args.method, args.ratio, args.scope, args.target)
+    data_dir(args.data_dir)
+    if args.samples < 1 or args.seq_len < 2:
+        raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    load_seconds = time.perf_counter() - t0
+    model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=args.calib, samples=args.samples,
+                          seq_len=args.seq_len, scope=args.scope, target=args.target, layers=args.layers,
+                          min_keep=args.min_keep, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
+    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
+    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite)
+    return {**recipe, "out": str(args.out)}
+
+
+def _eval_ppl(args) -> dict:
+    from .evaluate import perplexity
+    from .io import load_model
+    from .prune import count_params
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, args.batch_size).as_dict()
+               for name in args.data}
+    return {"model": args.model, "params": count_params(model), "ppl": results}
+
+
+def _print_text(result: dict) -> None:
+    if "ppl" in result:
+        for name, r in result["ppl"].items():
+            print(f"{name}: ppl {r['ppl']:.3f} over {r['windows']} windows of {r['seq_len']} tokens ({r['source']})")
+        print(f"params: {result['params']:,}")
+        return
+    print(f"pruned {result['model']} with {result['method']} at ratio {result['ratio']} ({result['scope']} scope): "
+          f"removed {result['achieved_ratio']:.4f} of prunable parameters")
+    print(f"params: {result['params_before']:,} -> {result['params_after']:,} "
+          f"({1 - result['params_after'] / result['params_before']:.2%} fewer overall)")
+    print(f"calibration: {result['calibration']}")
+    print(f"time {result['seconds']:.1f}s (+{result['load_seconds']:.1f}s load), peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"saved to {result['out']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            result = _prune(args) if args.command == "prune" else _eval_ppl(args)
+    except HywiaError as e:
+        print(f"hywia: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hywia: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_text(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

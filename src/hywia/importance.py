@@ -1,0 +1,122 @@
+"""Importance criteria: functions from one layer's groups and calibration statistics to per-group scores.
+
+Statistics come from the causal-LM loss on calibration samples:
+  grad   = gradient of the mean loss over the batch (first order, what `vector` and `element1` use);
+  fisher = mean over samples of the squared per-sample gradient, the diagonal of the empirical Fisher, which
+           stands in for the Hessian diagonal in the second-order Taylor term (what `element2` uses).
+A criterion declares which of them it needs, so magnitude criteria never run a backward pass and only the
+second-order ones pay for per-sample backward passes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import HywiaError
+from .grouping import LayerGroups
+
+
+@dataclass
+class Stats:
+    """Per-parameter calibration statistics keyed by full parameter name (float32, on the parameter's device)."""
+
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Criterion:
+    score: Callable[[LayerGroups, Stats], torch.Tensor]
+    needs_grad: bool = False
+    needs_fisher: bool = False
+
+
+def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str], fisher: bool,
+                  batch_size: int = 4, seed: int = 0) -> Stats:
+    """Accumulate gradient statistics of `param_names` over `samples` [n, seq_len] (token ids).
+
+    With `fisher`, every sample gets its own backward pass: the empirical Fisher needs per-sample gradients,
+    and the batch gradient is their mean. Without it, micro-batches of `batch_size` are enough.
+    """
+    stats = Stats(seed=seed)
+    params = dict(model.named_parameters())
+    was_training = model.training
+    saved_flags = {name: p.requires_grad for name, p in params.items()}
+    model.eval()  # no dropout: scores must be reproducible
+    for name, p in params.items():
+        p.requires_grad_(name in param_names)
+        p.grad = None
+    device = next(model.parameters()).device
+    step = 1 if fisher else batch_size
+    try:
+        for name in param_names:
+            stats.grad[name] = torch.zeros_like(params[name], dtype=torch.float32)
+            if fisher:
+                stats.fisher[name] = torch.zeros_like(params[name], dtype=torch.float32)
+        n = len(samples)
+        for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
+            batch = samples[start:start + step].to(device)
+            loss = model(input_ids=batch, labels=batch).loss * (len(batch) / n)
+            loss.backward()
+            for name in param_names:
+                g = params[name].grad.float()
+                stats.grad[name] += g
+                if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
+                    stats.fisher[name] += (g * n).square() / n
+                params[name].grad = None
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(saved_flags[name])
+            p.grad = None
+        model.train(was_training)
+    return stats
+
+
+def _random(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """Uniform random scores, seeded per layer and kind so a run is reproducible."""
+    generator = torch.Generator().manual_seed(stats.seed * 100_003 + groups.layer * 2 + (groups.kind == "mlp"))
+    return torch.rand(groups.count, generator=generator)
+
+
+def _l1(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    return groups.sum(lambda s: s.param.detach().abs())
+
+
+def _l2(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    return groups.sum(lambda s: s.param.detach().square()).sqrt()
+
+
+def _element1(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """LLM-Pruner Element^1 (`param_first`): sum over the group's weights of |w * dL/dw|."""
+    return groups.sum(lambda s: (s.param.detach() * stats.grad[s.name]).abs())
+
+
+def _element2(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """LLM-Pruner Element^2 (`param_second`): sum of |1/2 w^2 F_ww| with F the diagonal empirical Fisher."""
+    return groups.sum(lambda s: 0.5 * s.param.detach().float().square() * stats.fisher[s.name])
+
+
+def _vector(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """First-order Taylor of removing the group as a whole: |sum over the group of w * dL/dw| on the batch."""
+    return groups.sum(lambda s: s.param.detach() * stats.grad[s.name]).abs()
+
+
+CRITERIA: dict[str, Criterion] = {
+    "random": Criterion(_random),
+    "l1": Criterion(_l1),
+    "l2": Criterion(_l2),
+    "element1": Criterion(_element1, needs_grad=True),
+    "element2": Criterion(_element2, needs_grad=True, needs_fisher=True),
+    "vector": Criterion(_vector, needs_grad=True),
+}
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise HywiaError(f"unknown method '{name}': choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]

@@ -1,0 +1,242 @@
+"""Rank, allocate and physically remove groups: load -> groups -> statistics -> scores -> allocation -> removal.
+
+`ratio` is the fraction of the *prunable* parameters (the grouped projections of the selected layers) to
+remove. Attention groups are coarse (one KV head with its query heads: hundreds of thousands of parameters)
+and MLP channels fine, so a ratio cannot be met by removing the same fraction of each: the coarser kind
+removes round(ratio * count) groups and the finer kind takes whatever parameter budget is left, which lands the
+achieved ratio within one MLP channel of the request. `scope="layer"` does this per layer (LLM-Pruner's
+block-wise default); `scope="global"` ranks each kind across all selected layers.
+"""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .data import calibration_samples
+from .errors import HywiaError
+from .grouping import LayerGroups, find_groups
+from .importance import Criterion, Stats, collect_stats, get_criterion
+
+# transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
+MIN_KEEP_FLOOR = {"attention": 1, "mlp": 0}
+
+
+@dataclass
+class PruneReport:
+    method: str
+    ratio: float
+    achieved_ratio: float
+    scope: str
+    target: str
+    layers: list[int]
+    params_before: int
+    params_after: int
+    prunable_before: int
+    prunable_after: int
+    per_layer: list[dict]
+    kept: dict[str, list[int]]
+    calibration: dict
+    seed: int
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _lowest(candidates: list[tuple[float, int, int]], n: int, left: list[int], floors: list[int]) -> list[tuple[int, int]]:
+    """The n lowest-scored (set, group) pairs, skipping those that would take a set below its floor."""
+    picked = []
+    for _, s, g in sorted(candidates):
+        if len(picked) == n:
+            break
+        if left[s] > floors[s]:
+            picked.append((s, g))
+            left[s] -= 1
+    return picked
+
+
+def check_options(method: str, ratio: float, scope: str, target: str) -> None:
+    """Validate what can be validated before a model is loaded, so a typo costs no time."""
+    get_criterion(method)
+    if not 0 < ratio < 1:
+        raise HywiaError(f"--ratio {ratio} is out of range: give the fraction of prunable parameters to remove, 0 < ratio < 1")
+    if scope not in ("layer", "global"):
+        raise HywiaError(f"unknown scope '{scope}': use layer or global")
+    if target not in ("attention", "mlp", "both"):
+        raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
+
+
+def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, scope: str = "layer",
+             min_keep: int = 1) -> list[torch.Tensor]:
+    """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters."""
+    check_options("random", ratio, scope, "both")
+    floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
+    left = [s.count for s in sets]
+    removed: list[list[int]] = [[] for _ in sets]
+    # a scope is a bundle of sets that share one parameter budget: one layer, or all layers at once
+    bundles = [[i for i, s in enumerate(sets) if s.layer == layer] for layer in dict.fromkeys(s.layer for s in sets)]
+    if scope == "global":
+        bundles = [list(range(len(sets)))]
+    for bundle in bundles:
+        kinds = sorted({sets[i].kind for i in bundle}, key=lambda k: -next(sets[i].params_per_group for i in bundle if sets[i].kind == k))
+        budget = ratio * sum(sets[i].count * sets[i].params_per_group for i in bundle)
+        for position, kind in enumerate(kinds):
+            members = [i for i in bundle if sets[i].kind == kind]
+            per_group = sets[members[0]].params_per_group
+            total = sum(sets[i].count for i in members)
+            last = position == len(kinds) - 1
+            n = max(0, round(budget / per_group)) if last else round(ratio * total)
+            if scope == "layer" and n > total - floors[members[0]]:
+                raise HywiaError(
+                    f"--ratio {ratio} would leave layer {sets[members[0]].layer} with fewer than {floors[members[0]]} {kind} groups "
+                    f"(it has {total}); lower --ratio" + (" or pass --min-keep 0" if kind == "mlp" else ""))
+            candidates = [(scores[i][g].item(), i, g) for i in members for g in range(sets[i].count)]
+            picked = _lowest(candidates, n, left, floors)
+            if len(picked) < n:
+                raise HywiaError(f"--ratio {ratio} is impossible: keeping at least {floors[members[0]]} {kind} groups per layer, "
+                                 f"only {len(picked)} of the {n} {kind} groups asked for can go; lower --ratio")
+            for i, g in picked:
+                removed[i].append(g)
+            budget -= len(picked) * per_group
+    if not any(removed):
+        raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
+    return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
+
+
+def _group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
+    return (groups[:, None] * size + torch.arange(size)).flatten()
+
+
+def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor) -> nn.Linear:
+    weight = module.weight.data.index_select(dim, rows.to(module.weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if module.bias is not None:
+        new.bias.data.copy_(module.bias.data[rows.to(weight.device)] if dim == 0 else module.bias.data)
+    new.weight.requires_grad_(module.weight.requires_grad)
+    return new
+
+
+def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor]) -> None:
+    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices."""
+    shapes = dict(getattr(model.config, "hywia_pruned_shapes", None) or {})
+    for s, gone in zip(sets, removed):
+        if len(gone) == 0:
+            continue
+        keep = torch.tensor([g for g in range(s.count) if g not in set(gone.tolist())], dtype=torch.long)
+        for name, (module, dim, size) in s.modules.items():
+            new = _shrunk(module, dim, _group_rows(keep, size))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            shapes[name] = [new.out_features, new.in_features]
+    record_widths(model, shapes)
+
+
+def layer_widths(model: nn.Module) -> list[dict]:
+    """Per-layer widths read off the modules: query heads, KV heads, MLP channels."""
+    config = model.config
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    widths: dict[int, dict] = {}
+    for s in find_groups(model, "both"):
+        row = widths.setdefault(s.layer, {"layer": s.layer})
+        if s.kind == "attention":
+            row.update(num_attention_heads=s.count * n_rep, num_key_value_heads=s.count)
+        else:
+            row["intermediate_size"] = s.count
+    return [widths[i] for i in sorted(widths)]
+
+
+def record_widths(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Write the new widths into the config: plain config fields when every layer has the same widths (the
+    model then reloads with stock transformers, no flag), else per-module shapes for modeling_hywia.py."""
+    config = model.config
+    if not getattr(config, "head_dim", None):
+        config.head_dim = config.hidden_size // config.num_attention_heads  # pin it before head counts change
+    widths = layer_widths(model)
+    config.hywia_layer_widths = [{k: v for k, v in w.items() if k != "layer"} for w in widths]
+    if all(w == config.hywia_layer_widths[0] for w in config.hywia_layer_widths) and _stock_config_accepts(config, config.hywia_layer_widths[0]):
+        for key, value in config.hywia_layer_widths[0].items():
+            setattr(config, key, value)
+        config.hywia_pruned_shapes = None
+    else:
+        config.hywia_pruned_shapes = shapes
+
+
+def _stock_config_accepts(config, widths: dict) -> bool:
+    """Whether transformers' own validation takes these widths as plain config fields (LLaMA, for one, insists
+    that hidden_size be a multiple of num_attention_heads, which a pruned head count need not be)."""
+    candidate = copy.deepcopy(config)
+    try:
+        for key, value in widths.items():
+            setattr(candidate, key, value)
+        candidate.validate()
+    except Exception:  # huggingface_hub's validation errors share no narrower base; any refusal means "use shapes"
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
+                 seed: int, batch_size: int) -> list[torch.Tensor]:
+    """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
+    stats = Stats(seed=seed)
+    if criterion.needs_grad or criterion.needs_fisher:
+        names = {slot.name for s in sets for slot in s.slots}
+        stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher, batch_size=batch_size, seed=seed)
+    with torch.no_grad():
+        return [criterion.score(s, stats) for s in sets]
+
+
+def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
+          calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str = "layer",
+          target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
+          data_dir: str | None = None, batch_size: int = 4) -> tuple[nn.Module, PruneReport]:
+    """Prune `model` in place and return it with a report.
+
+    `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
+    `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`.
+    """
+    start = time.perf_counter()
+    check_options(method, ratio, scope, target)
+    criterion = get_criterion(method)
+    sets = find_groups(model, target, layers)
+    params_before = count_params(model)
+    prunable_before = sum(s.count * s.params_per_group for s in sets)
+    calib_record: dict = {"samples": 0}
+    ids = None
+    if criterion.needs_grad or criterion.needs_fisher:
+        if isinstance(calib, torch.Tensor):
+            ids, calib_record = calib, {"source": "tensor", "split": None}
+        else:
+            if tokenizer is None:
+                raise HywiaError("a gradient criterion needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
+            ids, calib_record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
+        calib_record = {**calib_record, "samples": len(ids), "seq_len": ids.shape[1], "name": calib if isinstance(calib, str) else "tensor"}
+    scores = score_groups(model, sets, criterion, ids, seed, batch_size)
+    removed = allocate(sets, scores, ratio, scope, min_keep)
+    before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
+    kept = {f"{s.layer}.{s.kind}": [g for g in range(s.count) if g not in set(r.tolist())] for s, r in zip(sets, removed)}
+    remove_groups(model, sets, removed)
+    after_sets = find_groups(model, target, layers)
+    prunable_after = sum(s.count * s.params_per_group for s in after_sets)
+    per_layer = [{"layer": s.layer, "kind": s.kind, "groups": s.count, "params_before": before_layer[(s.layer, s.kind)],
+                  "params_after": s.count * s.params_per_group} for s in after_sets]
+    report = PruneReport(method, ratio, 1 - prunable_after / prunable_before, scope, target, sorted({s.layer for s in sets}), params_before,
+                         count_params(model), prunable_before, prunable_after, per_layer, kept, calib_record, seed)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_mb = _peak_rss_mb()
+    return model, report

@@ -1,0 +1,32 @@
+"""Rebuild a structurally pruned model whose layers have different widths.
+
+transformers builds every decoder layer from one set of widths in the config. A pruned model records the
+shape of every Linear it shrank in `config.hywia_pruned_shapes`; the class below builds the stock model and
+swaps those Linears for smaller ones before the weights are loaded. Attention needs nothing else: it views
+projections as (-1, head_dim) and pruning whole KV groups keeps heads-per-KV-head unchanged.
+
+hywia copies this file verbatim next to the saved weights as `modeling_hywia.py` and appends one line that
+names the stock class, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a
+process that has never heard of hywia. Keep it free of hywia imports.
+"""
+from torch import nn
+
+
+def apply_pruned_shapes(model: nn.Module, shapes: dict) -> None:
+    """Replace each named Linear with an uninitialised one of shape [out, in] (weights are loaded afterwards)."""
+    for name, (out_features, in_features) in shapes.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        new = nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        setattr(parent, child, new)
+
+
+def pruned_class(base: type) -> type:
+    """A subclass of the stock causal-LM class `base` that honours `config.hywia_pruned_shapes`."""
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        apply_pruned_shapes(self, getattr(config, "hywia_pruned_shapes", None) or {})
+
+    return type(f"Hywia{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})

@@ -1,0 +1,80 @@
+"""Tiny randomly initialised models built in memory, and the real data dir when it is around."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v carry biases
+    "qwen3": ("Qwen3Config", {}),  # per-head q/k norms
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 3):
+    """A 3-layer GQA model: 8 query heads over 4 KV heads (head_dim 8), 48 MLP channels, vocab 260."""
+    import transformers
+    torch.manual_seed(seed)
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(
+        vocab_size=260, hidden_size=64, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # biases start at zero; make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token (ids 0..255) plus specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return fast
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def calib_ids():
+    return torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """A data dir laid out like ../shared/data with a few KB of text, for CLI and data tests."""
+    words = ("the model prunes heads and channels while perplexity measures what was lost in the process " * 40).split()
+    for sub, name in (("wikitext2", "wiki.valid.tokens"), ("wikitext2", "wiki.test.tokens"), ("ptb", "ptb.test.txt")):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+        (tmp_path / sub / name).write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def real_data_dir() -> Path | None:
+    value = os.environ.get("HYWIA_DATA_DIR")
+    if value and Path(value).is_dir():
+        return Path(value)
+    return SHARED_DATA if SHARED_DATA.is_dir() else None

@@ -1,0 +1,68 @@
+"""The command line: the issue's commands on a tiny saved model, JSON output, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_model
+from hywia import save_model
+from hywia.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    return save_model(tiny_model(), tokenizer, tmp_path / "dense", {"model": "tiny"})
+
+
+def run(capsys, *argv):
+    """Exit code, stdout, and the last stderr line (progress bars may precede it); no traceback allowed."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, (err.strip().splitlines() or [""])[-1]
+
+
+def test_prune_then_eval(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, _ = run(capsys, "prune", "--model", str(model_dir), "--method", "element2", "--ratio", "0.3", "--calib", "wikitext2",
+                          "--samples", "4", "--seq-len", "32", "--data-dir", str(text_dir), "--out", str(out), "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["params_after"] < result["params_before"]
+    assert result["calibration"]["split"] == "validation"
+    recipe = json.loads((out / "hywia.json").read_text())
+    assert recipe["method"] == "element2" and recipe["kept"] == result["kept"] and "transformers" in recipe["versions"]
+    code, stdout, _ = run(capsys, "eval", "ppl", "--model", str(out), "--data", "wikitext2", "ptb", "--seq-len", "32",
+                          "--data-dir", str(text_dir), "--json")
+    assert code == 0
+    ppl = json.loads(stdout)
+    assert ppl["params"] == result["params_after"]
+    assert set(ppl["ppl"]) == {"wikitext2", "ptb"} and all(r["ppl"] > 1 for r in ppl["ppl"].values())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "1.5"], "out of range"),
+    (["--ratio", "0.2", "--method", "taylor"], "unknown method"),
+    (["--ratio", "0.2", "--calib", "/no/such/file.txt"], "unknown dataset"),
+    (["--ratio", "0.2", "--data-dir", "/no/such/dir"], "data dir /no/such/dir does not exist"),
+])
+def test_bad_prune_inputs_are_one_line(model_dir, tmp_path, capsys, extra, message):
+    code, _, err = run(capsys, "prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and err.startswith("hywia: error:") and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_refused_before_any_work(model_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    code, _, err = run(capsys, "prune", "--model", "/no/such/model", "--ratio", "0.2", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "prune", "--model", "/no/such/model", "--ratio", "0.2", "--out", str(tmp_path / "new"))
+    assert code == 2 and "cannot load model '/no/such/model'" in err
+
+
+def test_eval_without_data_refuses(model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HYWIA_DATA_DIR", raising=False)
+    code, _, err = run(capsys, "eval", "ppl", "--model", str(model_dir))
+    assert code == 2 and err.startswith("hywia: error:") and "--data-dir" in err

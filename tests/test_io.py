@@ -1,0 +1,106 @@
+"""Saved models reload in a process that never imports hywia, with identical logits; saving is atomic."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hywia import HywiaError, load_model, prune, save_model
+from hywia.io import atomic_dir
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(11))
+
+RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert "hywia" not in sys.modules
+kwargs = {"trust_remote_code": True} if sys.argv[2] == "remote" else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
+ids = torch.load(sys.argv[3])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[4])
+assert "hywia" not in sys.modules
+"""
+
+
+def fresh_process_logits(path, mode, tmp_path):
+    torch.save(IDS, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", RELOAD, str(path), mode, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path, capture_output=True)
+    return torch.load(tmp_path / "out.pt")
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("scope, mode", [("global", "remote"), ("layer", "plain")])
+def test_reload_in_fresh_process_gives_identical_logits(scope, mode, tmp_path, tokenizer, calib_ids):
+    model, report = prune(tiny_model("qwen2"), method="element1", ratio=0.4, calib=calib_ids, scope=scope)
+    out = save_model(model, tokenizer, tmp_path / "pruned", {"method": "element1"})
+    config = json.loads((out / "config.json").read_text())
+    # global scope gives layers different widths: that needs modeling_hywia.py; a uniform cut is a stock config
+    assert ("auto_map" in config) == (mode == "remote")
+    assert (out / "modeling_hywia.py").exists() == (mode == "remote")
+    assert (out / "model.safetensors").exists() and (out / "hywia.json").exists()
+    assert torch.equal(fresh_process_logits(out, mode, tmp_path), logits(model))
+    reloaded, _ = load_model(str(out))  # hywia's own loader runs no code from the directory
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_layer_scope_with_layer_range_is_heterogeneous(tmp_path, tokenizer, calib_ids):
+    model, _ = prune(tiny_model(), method="l2", ratio=0.4, calib=calib_ids, layers="1:")
+    out = save_model(model, tokenizer, tmp_path / "p", {})
+    assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(model))
+
+
+def test_uniform_cut_that_stock_config_rejects_uses_shapes(tmp_path, tokenizer, calib_ids):
+    # 8 -> 6 query heads in every layer: uniform, but LLaMA's config wants hidden_size % heads == 0 (64 % 6 != 0)
+    model, _ = prune(tiny_model(), method="l2", ratio=0.25, calib=calib_ids, target="attention")
+    assert {w["num_attention_heads"] for w in model.config.hywia_layer_widths} == {6}
+    out = save_model(model, tokenizer, tmp_path / "p", {})
+    assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(model))
+
+
+def test_pruning_a_pruned_model_again(tmp_path, tokenizer, calib_ids):
+    model, _ = prune(tiny_model(), method="l2", ratio=0.3, calib=calib_ids, scope="global")
+    first = save_model(model, tokenizer, tmp_path / "once", {})
+    again, _ = load_model(str(first))
+    again, report = prune(again, method="l1", ratio=0.3, calib=calib_ids, scope="global")
+    out = save_model(again, tokenizer, tmp_path / "twice", {})
+    assert report.params_after < report.params_before
+    assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(again))
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, tokenizer):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(HywiaError, match="--overwrite"):
+        save_model(tiny_model(), tokenizer, out, {})
+    assert (out / "precious.txt").read_text() == "keep me"
+    save_model(tiny_model(), tokenizer, out, {}, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    out = tmp_path / "pruned"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_paths_are_one_line_errors(tmp_path):
+    with pytest.raises(HywiaError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HywiaError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))

@@ -1,0 +1,140 @@
+"""A pruned model must compute exactly what the dense model computes with the removed groups zeroed."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from hywia import CRITERIA, HywiaError, find_groups, prune
+from hywia.prune import allocate, remove_groups
+
+IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+
+
+def masked_reference(dense, kept: dict[str, list[int]]):
+    """The dense model with every group that `kept` leaves out set to zero (weights and owned biases)."""
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for s in find_groups(ref, "both"):
+            key = f"{s.layer}.{s.kind}"
+            if key not in kept:
+                continue
+            gone = [g for g in range(s.count) if g not in kept[key]]
+            for slot in s.slots:
+                view = slot.param.data.movedim(slot.dim, 0).view(s.count, slot.size, -1)
+                view[gone] = 0
+    return ref
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("method", list(CRITERIA))
+def test_every_criterion_equals_masked_dense(method, calib_ids):
+    dense = tiny_model("llama")
+    pruned, report = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, seed=3)
+    assert report.params_after < report.params_before
+    diff = (logits(pruned) - logits(masked_reference(dense, report.kept))).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_families_and_scopes_equal_masked_dense(family, scope, calib_ids):
+    dense = tiny_model(family)
+    pruned, report = prune(copy.deepcopy(dense), method="element2", ratio=0.4, calib=calib_ids, scope=scope)
+    diff = (logits(pruned) - logits(masked_reference(dense, report.kept))).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_shapes_of_pruned_layers_follow_kept_groups(calib_ids):
+    model, report = prune(tiny_model(), method="l2", ratio=0.5, calib=calib_ids, scope="global")
+    for layer, block in enumerate(model.model.layers):
+        kv = len(report.kept[f"{layer}.attention"])
+        ch = len(report.kept[f"{layer}.mlp"])
+        attn = block.self_attn
+        assert attn.q_proj.weight.shape == (kv * 2 * 8, 64)  # 2 query heads per KV head, head_dim 8
+        assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (kv * 8, 64)
+        assert attn.o_proj.weight.shape == (64, kv * 2 * 8)
+        assert block.mlp.gate_proj.weight.shape == block.mlp.up_proj.weight.shape == (ch, 64)
+        assert block.mlp.down_proj.weight.shape == (64, ch)
+        assert model.config.hywia_layer_widths[layer]["intermediate_size"] == ch
+
+
+def test_achieved_ratio_is_close_to_request(calib_ids):
+    for ratio in (0.2, 0.5):
+        _, report = prune(tiny_model(), method="l1", ratio=ratio, calib=calib_ids)
+        # within one attention group's worth of parameters per layer and rounding of the MLP channels
+        assert abs(report.achieved_ratio - ratio) < 0.05, report.achieved_ratio
+
+
+def test_layer_range_and_target_restrict_pruning(calib_ids):
+    model, report = prune(tiny_model(), method="l2", ratio=0.5, calib=calib_ids, layers="1:2", target="mlp")
+    assert report.layers == [1]
+    assert set(report.kept) == {"1.mlp"}
+    assert model.model.layers[0].mlp.up_proj.out_features == 48
+    assert model.model.layers[1].mlp.up_proj.out_features == 24
+    assert model.model.layers[1].self_attn.q_proj.out_features == 64
+
+
+def test_random_is_seeded(calib_ids):
+    _, a = prune(tiny_model(), method="random", ratio=0.3, seed=5)
+    _, b = prune(tiny_model(), method="random", ratio=0.3, seed=5)
+    _, c = prune(tiny_model(), method="random", ratio=0.3, seed=6)
+    assert a.kept == b.kept and a.kept != c.kept
+
+
+def test_allocation_picks_lowest_scores_and_respects_floor():
+    sets = [s for s in find_groups(tiny_model(), "attention")]
+    scores = [torch.tensor([3.0, 0.1, 2.0, 0.2]), torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([5.0, 6.0, 7.0, 8.0])]
+    removed = allocate(sets, scores, ratio=0.5, scope="global")
+    # 6 of 12 go, lowest first; layer 1's last KV group survives its zero score (floor of one per layer)
+    assert [r.tolist() for r in removed] == [[1, 2, 3], [0, 1, 2], []]
+    removed_layer = allocate(sets, scores, ratio=0.5, scope="layer")
+    assert removed_layer[0].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ratio": 0.0}, "out of range"),
+    ({"ratio": 1.5}, "out of range"),
+    ({"ratio": 0.9}, "would leave layer"),
+    ({"ratio": 0.99, "scope": "global"}, "impossible"),
+    ({"ratio": 0.001}, "too small"),
+    ({"ratio": 0.2, "method": "taylor"}, "unknown method"),
+    ({"ratio": 0.2, "scope": "row"}, "unknown scope"),
+    ({"ratio": 0.2, "target": "heads"}, "unknown target"),
+    ({"ratio": 0.2, "layers": "7:9"}, "selects no layer"),
+])
+def test_bad_inputs_raise_one_line_errors(kwargs, message, calib_ids):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(HywiaError, match=message) as info:
+        prune(model, calib=calib_ids, **{"method": "l1", **kwargs})
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
+
+
+def test_unsupported_architecture_is_named():
+    import transformers
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(HywiaError, match="unsupported architecture 'gpt2'"):
+        prune(transformers.GPT2LMHeadModel(config), method="l1", ratio=0.2)
+
+
+def test_mlp_may_be_emptied_only_when_asked():
+    dense = tiny_model()
+    model = copy.deepcopy(dense)
+    sets = find_groups(model, "mlp")
+    scores = [torch.rand(48), torch.zeros(48), torch.rand(48) + 1]
+    with pytest.raises(HywiaError, match="impossible"):
+        allocate(sets, scores, ratio=0.9, scope="global", min_keep=48)
+    removed = allocate(sets, scores, ratio=0.5, scope="global", min_keep=0)
+    assert len(removed[1]) == 48  # layer 1 loses every channel
+    remove_groups(model, sets, removed)
+    assert model.model.layers[1].mlp.up_proj.out_features == 0
+    kept = {f"{s.layer}.mlp": [g for g in range(48) if g not in r.tolist()] for s, r in zip(sets, removed)}
+    assert (logits(model) - logits(masked_reference(dense, kept))).abs().max() < 1e-4
