@@ -28,8 +28,9 @@ assert "hywia" not in sys.modules
 """
 
 
-def fresh_process_logits(path, mode, tmp_path):
-    torch.save(IDS, tmp_path / "ids.pt")
+def fresh_process_logits(path, mode, tmp_path, ids=IDS):
+    """Logits of `ids` from the model at `path`, loaded by a python that never imports hywia."""
+    torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", RELOAD, str(path), mode, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                    check=True, cwd=tmp_path, capture_output=True)
     return torch.load(tmp_path / "out.pt")

@@ -1,4 +1,5 @@
 """hywia: structured pruning of Hugging Face causal LMs (HyWIA and the baselines it is compared against)."""
+from . import fusion  # noqa: F401  (registers the fused criteria next to the baselines)
 from .errors import HywiaError
 from .evaluate import perplexity
 from .grouping import find_groups

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="random, l1, l2, vector, element1, element2")
+    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2")
     p.add_argument("--ratio", type=float, required=True, help="fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--calib", default="wikitext2", help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path")
     p.add_argument("--samples", type=int, default=10)
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-keep", type=int, default=1, help="groups every layer keeps (MLP may go to 0; attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model) or fixed")
+    p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
+    p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -51,11 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prune(args) -> dict:
     from .data import data_dir
+    from .figures import write_artifacts
     from .io import check_output, load_model, save_model
     from .prune import check_options, prune
 
+    method_options = {k: v for k, v in (("fusion", args.fusion), ("alpha", args.alpha), ("fusion_dim", args.fusion_dim)) if v is not None}
     check_output(args.out, args.overwrite)  # fail before minutes of work, not after
-    check_options(args.method, args.ratio, args.scope, args.target)
+    check_options(args.method, args.ratio, args.scope, args.target, method_options)
     data_dir(args.data_dir)
     if args.samples < 1 or args.seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
@@ -64,9 +69,10 @@ def _prune(args) -> dict:
     load_seconds = time.perf_counter() - t0
     model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=args.calib, samples=args.samples,
                           seq_len=args.seq_len, scope=args.scope, target=args.target, layers=args.layers,
-                          min_keep=args.min_keep, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
+                          min_keep=args.min_keep, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
+                          **method_options)
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
-    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite)
+    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=lambda tmp: write_artifacts(tmp, report))
     return {**recipe, "out": str(args.out)}
 
 

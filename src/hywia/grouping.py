@@ -51,13 +51,14 @@ class LayerGroups:
     def params_per_group(self) -> int:
         return sum(s.param.numel() // self.count for s in self.slots)
 
+    def member_sums(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:
+        """Sum a per-weight tensor (shaped like each parameter) within every group, slot by slot: [count, n_slots]."""
+        columns = [per_weight(slot).float().movedim(slot.dim, 0).reshape(self.count, -1).sum(1).cpu() for slot in self.slots]
+        return torch.stack(columns, dim=1)
+
     def sum(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:
-        """Sum a per-weight tensor (shaped like each parameter) over every group: returns [count] in float32."""
-        total = torch.zeros(self.count, dtype=torch.float32)
-        for slot in self.slots:
-            values = per_weight(slot).float().movedim(slot.dim, 0)
-            total += values.reshape(self.count, -1).sum(1).cpu()
-        return total
+        """Sum a per-weight tensor over every group: [count] in float32."""
+        return self.member_sums(per_weight).sum(1)
 
 
 def _unit_sizes(config) -> dict[str, int]:

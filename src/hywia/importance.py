@@ -29,11 +29,28 @@ class Stats:
     seed: int = 0
 
 
+@dataclass
+class Scores:
+    """Per-group scores aligned with the list of LayerGroups, and any intermediate scores worth keeping."""
+
+    per_set: list[torch.Tensor]
+    details: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Criterion:
-    score: Callable[[LayerGroups, Stats], torch.Tensor]
+    """`score(sets, stats, options)` scores every LayerGroups at once, so a criterion may normalise across layers.
+    `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused."""
+
+    score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
     needs_fisher: bool = False
+    options: tuple[str, ...] = ()
+
+
+def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[list[LayerGroups], Stats, dict], Scores]:
+    """Lift a criterion that scores one layer's groups on its own."""
+    return lambda sets, stats, options: Scores([score(s, stats) for s in sets])
 
 
 def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str], fisher: bool,
@@ -107,16 +124,26 @@ def _vector(groups: LayerGroups, stats: Stats) -> torch.Tensor:
 
 
 CRITERIA: dict[str, Criterion] = {
-    "random": Criterion(_random),
-    "l1": Criterion(_l1),
-    "l2": Criterion(_l2),
-    "element1": Criterion(_element1, needs_grad=True),
-    "element2": Criterion(_element2, needs_grad=True, needs_fisher=True),
-    "vector": Criterion(_vector, needs_grad=True),
+    "random": Criterion(per_layer(_random)),
+    "l1": Criterion(per_layer(_l1)),
+    "l2": Criterion(per_layer(_l2)),
+    "element1": Criterion(per_layer(_element1), needs_grad=True),
+    "element2": Criterion(per_layer(_element2), needs_grad=True, needs_fisher=True),
+    "vector": Criterion(per_layer(_vector), needs_grad=True),
 }
 
 
-def get_criterion(name: str) -> Criterion:
+def register(name: str, criterion: Criterion) -> None:
+    CRITERIA[name] = criterion
+
+
+def get_criterion(name: str, options: dict | None = None) -> Criterion:
+    """The registered criterion `name`, refusing options it does not take."""
     if name not in CRITERIA:
         raise HywiaError(f"unknown method '{name}': choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name]
+    criterion = CRITERIA[name]
+    unknown = sorted(set(options or {}) - set(criterion.options))
+    if unknown:
+        raise HywiaError(f"--{unknown[0].replace('_', '-')} does not apply to --method {name}" +
+                         (f" (it takes {', '.join(criterion.options)})" if criterion.options else ""))
+    return criterion

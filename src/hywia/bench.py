@@ -1,0 +1,96 @@
+"""Benchmark grids: every run is a separate `hywia` process, so its wall time and peak memory are its own.
+
+A row prunes (or, at ratio 0, evaluates the dense model) and measures perplexity with one protocol for all
+rows. Results are appended to a JSON-lines file as they finish, so a long grid that is stopped keeps what it
+measured and a rerun skips rows already there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    method: str
+    ratio: float
+    seed: int = 0
+    samples: int = 10
+    seq_len: int = 128
+    extra: tuple[str, ...] = ()  # more `hywia prune` flags, e.g. ("--fusion", "fixed")
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _hywia(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "hywia.cli", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"hywia {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int, max_windows: int) -> dict:
+    """Prune (unless ratio is 0) and evaluate one row; returns its measurements."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, pruned = row.model, None
+        if row.ratio > 0:
+            out = str(Path(tmp) / "pruned")
+            pruned = _hywia("prune", "--model", row.model, "--method", row.method, "--ratio", str(row.ratio),
+                            "--samples", str(row.samples), "--seq-len", str(row.seq_len), "--seed", str(row.seed),
+                            "--data-dir", data_dir, "--out", out, *row.extra)
+            model = out
+        ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
+                     "--max-windows", str(max_windows), "--data-dir", data_dir)
+    result = {"row": asdict(row), "params": ppl["params"], "ppl": {k: v["ppl"] for k, v in ppl["ppl"].items()},
+              "windows": {k: v["windows"] for k, v in ppl["ppl"].items()}, "machine": machine()}
+    if pruned is not None:
+        result.update(prune_seconds=pruned["seconds"], peak_rss_mb=pruned["peak_rss_mb"],
+                      achieved_ratio=pruned["achieved_ratio"], extra=pruned.get("extra", {}))
+    return result
+
+
+def run_grid(rows: list[Row], results: Path, data: list[str], data_dir: str, eval_seq_len: int = 128,
+             max_windows: int = 100) -> list[dict]:
+    """Run rows not yet in `results` (JSON lines), appending each as it finishes; returns all results."""
+    done = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            record = json.loads(line)
+            done[Row(**{**record["row"], "extra": tuple(record["row"]["extra"])}).key] = record
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if row.key in done:
+            continue
+        print(f"running {row}", file=sys.stderr, flush=True)
+        record = run_row(row, data, data_dir, eval_seq_len, max_windows)
+        done[row.key] = record
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return [done[row.key] for row in rows]
+
+
+def markdown_table(records: list[dict], data: list[str]) -> str:
+    """One line per record: method, ratio, params, ppl per dataset, prune seconds, peak RSS."""
+    head = "| method | ratio | seed | params | " + " | ".join(f"{d} ppl" for d in data) + " | prune s | peak RSS MB |"
+    lines = [head, "|" + "---|" * (6 + len(data))]
+    for r in records:
+        row = r["row"]
+        name = row["method"] + (" " + " ".join(row["extra"]) if row["extra"] else "") if row["ratio"] > 0 else "dense"
+        ppl = " | ".join(f"{r['ppl'][d]:.2f}" for d in data)
+        seconds = f"{r['prune_seconds']:.1f}" if "prune_seconds" in r else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        lines.append(f"| {name} | {row['ratio']:.0%} | {row['seed']} | {r['params']:,} | {ppl} | {seconds} | {rss} |")
+    return "\n".join(lines)
