@@ -66,3 +66,21 @@ def test_eval_without_data_refuses(model_dir, capsys, monkeypatch):
     monkeypatch.delenv("HYWIA_DATA_DIR", raising=False)
     code, _, err = run(capsys, "eval", "ppl", "--model", str(model_dir))
     assert code == 2 and err.startswith("hywia: error:") and "--data-dir" in err
+
+
+def test_hywia_writes_scores_and_figures(model_dir, text_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    out = tmp_path / "hy"
+    code, stdout, _ = run(capsys, "prune", "--model", str(model_dir), "--method", "hywia", "--ratio", "0.3", "--samples", "3",
+                          "--seq-len", "32", "--data-dir", str(text_dir), "--seed", "2", "--out", str(out), "--json")
+    assert code == 0
+    scores = load_file(out / "scores.safetensors")
+    assert set(scores) == {f"{n}/{l}.{k}" for n in ("fine", "coarse", "alpha", "fused") for l in range(3) for k in ("attention", "mlp")}
+    assert scores["alpha/1.mlp"].shape == (48,)
+    for figure in ("alpha.png", "kept_params.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = json.loads(stdout)["extra"]["kept_params_by_score"]
+    assert set(kept["global"]) <= {"fine", "coarse", "fused"} and "fused" in kept["layer"]
+    code, _, err = run(capsys, "prune", "--model", str(model_dir), "--method", "element2", "--fusion", "fixed", "--ratio", "0.3",
+                       "--out", str(tmp_path / "x"))
+    assert code == 2 and "--fusion does not apply" in err

@@ -1,0 +1,106 @@
+"""HyWIA's fusion: alpha per group in (0, 1), input-dependent, seeded; the fixed ablation's limits; scale handling."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hywia import HywiaError, find_groups, prune
+from hywia.fusion import AttentionFusion, fuse
+from hywia.importance import collect_stats
+
+
+@pytest.fixture
+def stats_and_sets(calib_ids):
+    model = tiny_model()
+    sets = find_groups(model, "both")
+    names = {slot.name for s in sets for slot in s.slots}
+    return model, sets, collect_stats(model, calib_ids, names, fisher=True, seed=0)
+
+
+def test_alpha_shape_range_and_variation():
+    x_fine, x_coarse = torch.rand(50, 4) * 3, torch.rand(50, 4) * 3
+    alpha = AttentionFusion(4, 64, seed=0).alpha(x_fine, x_coarse)
+    assert alpha.shape == (50,)
+    assert ((alpha > 0) & (alpha < 1)).all()
+    assert alpha.std() > 1e-3  # per-group, not one constant
+
+
+def test_literal_algorithm_1_would_be_constant():
+    """Averaging the row-softmax itself over dim 1 gives 1/n for every group: the reason for docs/method.md."""
+    fusion = AttentionFusion(4, 64, seed=0)
+    q, k = torch.rand(10, 4) @ fusion.w_q, torch.rand(10, 4) @ fusion.w_k
+    literal = torch.softmax(q @ k.T / 8, dim=1).mean(dim=1)
+    assert torch.allclose(literal, torch.full((10,), 0.1))
+
+
+def test_alpha_depends_on_inputs_and_seed():
+    x = torch.rand(20, 3)
+    a = AttentionFusion(3, 64, seed=1).alpha(x, x.flip(0))
+    assert torch.equal(a, AttentionFusion(3, 64, seed=1).alpha(x, x.flip(0)))
+    assert not torch.allclose(a, AttentionFusion(3, 64, seed=2).alpha(x, x.flip(0)))
+    assert not torch.allclose(a, AttentionFusion(3, 64, seed=1).alpha(x * 2, x.flip(0)))
+
+
+def test_row_chunking_is_exact(monkeypatch):
+    x_fine, x_coarse = torch.rand(40, 3), torch.rand(40, 3)
+    whole = AttentionFusion(3, 16, seed=0).alpha(x_fine, x_coarse)
+    monkeypatch.setattr("hywia.fusion.ROW_CHUNK", 7)
+    assert torch.allclose(whole, AttentionFusion(3, 16, seed=0).alpha(x_fine, x_coarse), atol=1e-6)
+
+
+def test_fused_scores_do_not_depend_on_either_granularity_scale(stats_and_sets):
+    _, sets, stats = stats_and_sets
+    base = fuse(sets, stats, {})
+    scaled = copy.deepcopy(stats)
+    scaled.fisher = {k: v * 1e6 for k, v in stats.fisher.items()}  # fine scores x 1e6
+    scaled.grad = {k: v * 1e-3 for k, v in stats.grad.items()}  # coarse scores x 1e-3
+    again = fuse(sets, scaled, {})
+    for a, b in zip(base.per_set, again.per_set):
+        assert torch.allclose(a, b, rtol=1e-4)
+    for kind in ("attention", "mlp"):  # both granularities have mean 1 over the groups of a kind
+        for name in ("fine", "coarse"):
+            pooled = torch.cat([t for s, t in zip(sets, base.details[name]) if s.kind == kind])
+            assert pooled.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_alpha_is_reproducible_for_a_seed_and_varies_across_groups(stats_and_sets):
+    _, sets, stats = stats_and_sets
+    a = torch.cat(fuse(sets, stats, {}).details["alpha"])
+    b = torch.cat(fuse(sets, stats, {}).details["alpha"])
+    stats.seed = 1
+    c = torch.cat(fuse(sets, stats, {}).details["alpha"])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.std() > 1e-4 and ((a > 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("alpha, baseline", [(1.0, "element2"), (0.0, "vector")])
+def test_fixed_alpha_limits_equal_single_granularity_rankings(alpha, baseline, calib_ids):
+    for scope in ("layer", "global"):
+        _, fused = prune(tiny_model(), method="hywia", ratio=0.4, calib=calib_ids, scope=scope, fusion="fixed", alpha=alpha)
+        _, single = prune(tiny_model(), method=baseline, ratio=0.4, calib=calib_ids, scope=scope)
+        assert fused.kept == single.kept
+
+
+def test_attention_fusion_differs_from_fixed_half(calib_ids):
+    _, adaptive = prune(tiny_model(), method="hywia", ratio=0.4, calib=calib_ids)
+    alphas = torch.cat(list(adaptive.scores["alpha"].values()))
+    assert alphas.std() > 0
+    assert set(adaptive.scores) == {"fine", "coarse", "alpha", "fused"}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"alpha": 0.3}, "--fusion fixed"),
+    ({"fusion": "fixed", "alpha": 1.5}, "out of range"),
+    ({"fusion": "mean"}, "unknown fusion"),
+])
+def test_bad_fusion_options(options, message, calib_ids):
+    with pytest.raises(HywiaError, match=message):
+        prune(tiny_model(), method="hywia", ratio=0.3, calib=calib_ids, **options)
+
+
+def test_fusion_options_refused_for_other_methods(calib_ids):
+    with pytest.raises(HywiaError, match="--alpha does not apply to --method element2"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, alpha=0.5)
