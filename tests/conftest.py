@@ -14,6 +14,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),  # q/k/v carry biases
     "qwen3": ("Qwen3Config", {}),  # per-head q/k norms
+    "gemma3_text": ("Gemma3TextConfig", {"sliding_window": 16, "query_pre_attn_scalar": 8}),  # q/k norms, sliding layers
 }
 
 

@@ -42,23 +42,27 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int, max_windows: int) -> dict:
-    """Prune (unless ratio is 0) and evaluate one row; returns its measurements."""
+def _prune(row: Row, data_dir: str, out: str) -> dict:
+    return _hywia("prune", "--model", row.model, "--method", row.method, "--ratio", str(row.ratio),
+                  "--samples", str(row.samples), "--seq-len", str(row.seq_len), "--seed", str(row.seed),
+                  "--data-dir", data_dir, "--out", out, *row.extra)
+
+
+def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, max_windows: int | None = 100) -> dict:
+    """Prune (unless ratio is 0) and, if `data` names datasets, evaluate one row; returns its measurements."""
+    result: dict = {"row": asdict(row), "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        model, pruned = row.model, None
+        model = row.model
         if row.ratio > 0:
-            out = str(Path(tmp) / "pruned")
-            pruned = _hywia("prune", "--model", row.model, "--method", row.method, "--ratio", str(row.ratio),
-                            "--samples", str(row.samples), "--seq-len", str(row.seq_len), "--seed", str(row.seed),
-                            "--data-dir", data_dir, "--out", out, *row.extra)
-            model = out
-        ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
-                     "--max-windows", str(max_windows), "--data-dir", data_dir)
-    result = {"row": asdict(row), "params": ppl["params"], "ppl": {k: v["ppl"] for k, v in ppl["ppl"].items()},
-              "windows": {k: v["windows"] for k, v in ppl["ppl"].items()}, "machine": machine()}
-    if pruned is not None:
-        result.update(prune_seconds=pruned["seconds"], peak_rss_mb=pruned["peak_rss_mb"],
-                      achieved_ratio=pruned["achieved_ratio"], extra=pruned.get("extra", {}))
+            model = str(Path(tmp) / "pruned")
+            pruned = _prune(row, data_dir, model)
+            result.update(params=pruned["params_after"], prune_seconds=pruned["seconds"], load_seconds=pruned["load_seconds"],
+                          peak_rss_mb=pruned["peak_rss_mb"], achieved_ratio=pruned["achieved_ratio"])
+        if data:
+            ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
+                         "--max-windows", str(max_windows), "--data-dir", data_dir)
+            result.update(params=ppl["params"], ppl={k: v["ppl"] for k, v in ppl["ppl"].items()},
+                          windows={k: v["windows"] for k, v in ppl["ppl"].items()})
     return result
 
 

@@ -1,0 +1,31 @@
+"""Wall time and peak memory of `hywia prune` per method on the packaged SmolLM2-135M, one process per run.
+
+    HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py
+
+Run it on an otherwise idle machine: timings are what this reports. "prune s" is scoring + allocation + removal
+(gradient passes included, model loading excluded); "peak RSS" is the whole process's maximum resident memory,
+loading included. Calibration: 10 or 50 windows of 128 tokens from the WikiText-2 validation split.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+from hywia.bench import Row, run_row
+
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia"]
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prune_cost.jsonl")
+    args = parser.parse_args()
+    rows = [Row(args.model, m, r) for r in (0.2, 0.5) for m in METHODS]
+    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia")]
+    print("| method | ratio | samples | prune s | load s | peak RSS MB |\n|---|---|---|---|---|---|")
+    with args.results.open("w") as f:
+        for row in rows:
+            r = run_row(row, [], args.data_dir)
+            f.write(json.dumps(r) + "\n")
+            print(f"| {row.method} | {row.ratio:.0%} | {row.samples} | {r['prune_seconds']:.1f} | {r['load_seconds']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
