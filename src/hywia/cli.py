@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
+    f = sub.add_parser("finetune", help="recover a (pruned) model with LoRA and merge it back")
+    _add_common(f)
+    f.add_argument("--data", default="alpaca", help="alpaca, or a json/jsonl file of instruction/input/output records")
+    for name, kind, default in (("rank", int, 8), ("lora-alpha", int, 16), ("lora-dropout", float, 0.05), ("lr", float, 1e-4),
+                                ("batch-size", int, 64), ("micro-batch-size", int, 4), ("epochs", int, 2),
+                                ("max-steps", int, None), ("warmup-steps", int, 100), ("cutoff-len", int, 256),
+                                ("save-steps", int, 50), ("seed", int, 0)):
+        f.add_argument(f"--{name}", type=kind, default=default)
+    f.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints beside --out)")
+    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    f.add_argument("--out", required=True)
+    f.add_argument("--overwrite", action="store_true")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
     ppl = esub.add_parser("ppl", help="perplexity on the test split")
@@ -76,6 +89,34 @@ def _prune(args) -> dict:
     return {**recipe, "out": str(args.out)}
 
 
+def _finetune(args) -> dict:
+    import shutil
+    import tempfile
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .finetune import FinetuneSettings, finetune, merge
+    from .io import check_output, load_model, save_model
+
+    out = check_output(args.out, args.overwrite)
+    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)
+                                   if f.name not in ("lora_alpha", "lora_dropout")},
+                                lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    source_recipe = Path(args.model) / "hywia.json"
+    previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
+    peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir)
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
+        merged = merge(peft_model)
+        recipe = {**previous, "model": args.model, "finetune": report.as_dict()}
+        save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite,
+                   extra=lambda tmp: shutil.copytree(adapter_dir, tmp / "adapter"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its checkpoints are no longer needed
+    return {"model": args.model, "out": str(out), **report.as_dict()}
+
+
 def _eval_ppl(args) -> dict:
     from .evaluate import perplexity
     from .io import load_model
@@ -88,6 +129,10 @@ def _eval_ppl(args) -> dict:
 
 
 def _print_text(result: dict) -> None:
+    if "steps" in result:
+        print(f"fine-tuned {result['model']} for {result['steps']} steps (resumed from {result['resumed_from']}), "
+              f"last loss {result['losses'][-1]:.4f}, {result['seconds']:.0f}s; merged model saved to {result['out']}")
+        return
     if "ppl" in result:
         for name, r in result["ppl"].items():
             print(f"{name}: ppl {r['ppl']:.3f} over {r['windows']} windows of {r['seq_len']} tokens ({r['source']})")
@@ -107,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            result = _prune(args) if args.command == "prune" else _eval_ppl(args)
+            result = {"prune": _prune, "finetune": _finetune, "eval": _eval_ppl}[args.command](args)
     except HywiaError as e:
         print(f"hywia: error: {e}", file=sys.stderr)
         return 2
