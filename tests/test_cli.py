@@ -84,3 +84,18 @@ def test_hywia_writes_scores_and_figures(model_dir, text_dir, tmp_path, capsys):
     code, _, err = run(capsys, "prune", "--model", str(model_dir), "--method", "element2", "--fusion", "fixed", "--ratio", "0.3",
                        "--out", str(tmp_path / "x"))
     assert code == 2 and "--fusion does not apply" in err
+
+
+def test_eval_zeroshot_table(model_dir, text_dir, capsys):
+    pytest.importorskip("lm_eval")
+    from zeroshot_items import write_release_files
+    write_release_files(text_dir)
+    code, stdout, _ = run(capsys, "eval", "zeroshot", "--model", str(model_dir), "--tasks", "boolq,arc_challenge", "--ppl",
+                          "--seq-len", "32", "--max-windows", "3", "--limit", "2", "--data-dir", str(text_dir), "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert set(result["zeroshot"]) == {"boolq", "arc_challenge"} and result["zeroshot"]["boolq"]["documents"] == 2
+    assert result["average"] == pytest.approx((result["zeroshot"]["boolq"]["acc"] + result["zeroshot"]["arc_challenge"]["acc_norm"]) / 2)
+    assert set(result["ppl"]) == {"wikitext2", "ptb"}
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", str(model_dir), "--tasks", "mmlu", "--data-dir", str(text_dir))
+    assert code == 2 and "unknown task 'mmlu'" in err

@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--seq-len", type=int, default=128)
     ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a fixed subset)")
     ppl.add_argument("--batch-size", type=int, default=8)
+    zs = esub.add_parser("zeroshot", help="zero-shot accuracy on the paper's seven tasks (lm-evaluation-harness)")
+    _add_common(zs)
+    zs.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+    zs.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task (a fixed subset)")
+    zs.add_argument("--ppl", action="store_true", help="add WikiText-2 and PTB perplexity columns (Table 1 layout)")
+    zs.add_argument("--seq-len", type=int, default=128, help="perplexity window with --ppl")
+    zs.add_argument("--max-windows", type=int, default=None, help="perplexity windows with --ppl")
+    zs.add_argument("--batch-size", type=int, default=8)
     return parser
 
 
@@ -117,21 +125,40 @@ def _finetune(args) -> dict:
     return {"model": args.model, "out": str(out), **report.as_dict()}
 
 
-def _eval_ppl(args) -> dict:
+def _eval(args) -> dict:
     from .evaluate import perplexity
     from .io import load_model
     from .prune import count_params
 
+    if args.eval_command == "zeroshot":
+        from .zeroshot import TASKS, zeroshot
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise HywiaError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    results = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, args.batch_size).as_dict()
-               for name in args.data}
-    return {"model": args.model, "params": count_params(model), "ppl": results}
+    result: dict = {"model": args.model, "params": count_params(model)}
+    datasets = args.data if args.eval_command == "ppl" else (["wikitext2", "ptb"] if args.ppl else [])
+    batch = args.batch_size
+    result["ppl"] = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, batch).as_dict()
+                     for name in datasets}
+    if args.eval_command == "zeroshot":
+        result["zeroshot"] = zeroshot(model, tokenizer, tasks, args.limit, args.data_dir, batch)
+        result["limit"] = args.limit
+        result["average"] = sum(r["score"] for r in result["zeroshot"].values()) / len(result["zeroshot"])
+    return result
 
 
 def _print_text(result: dict) -> None:
     if "steps" in result:
         print(f"fine-tuned {result['model']} for {result['steps']} steps (resumed from {result['resumed_from']}), "
               f"last loss {result['losses'][-1]:.4f}, {result['seconds']:.0f}s; merged model saved to {result['out']}")
+        return
+    if "zeroshot" in result:
+        head = [f"{n} ppl" for n in result["ppl"]] + [f"{n} ({r['metric']})" for n, r in result["zeroshot"].items()] + ["average"]
+        cells = [f"{r['ppl']:.2f}" for r in result["ppl"].values()] + [f"{100 * r['score']:.2f}" for r in result["zeroshot"].values()]
+        print("| model | params | " + " | ".join(head) + " |\n|" + "---|" * (len(head) + 2))
+        print(f"| {result['model']} | {result['params']:,} | " + " | ".join(cells) + f" | {100 * result['average']:.2f} |")
         return
     if "ppl" in result:
         for name, r in result["ppl"].items():
@@ -152,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            result = {"prune": _prune, "finetune": _finetune, "eval": _eval_ppl}[args.command](args)
+            result = {"prune": _prune, "finetune": _finetune, "eval": _eval}[args.command](args)
     except HywiaError as e:
         print(f"hywia: error: {e}", file=sys.stderr)
         return 2
