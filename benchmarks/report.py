@@ -1,0 +1,73 @@
+"""Markdown tables for docs/RESULTS.md from benchmarks/results/*.jsonl (nothing is typed by hand).
+
+    python benchmarks/report.py
+
+Rows that differ only by seed are merged into mean ± sample standard deviation, with the seed count.
+"""
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+DATA = ("wikitext2", "ptb")
+
+
+def load(name: str) -> list[dict]:
+    path = RESULTS / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def label(row: dict) -> str:
+    if row["ratio"] == 0:
+        return "dense"
+    extra = " ".join(row["extra"])
+    return {"--fusion fixed --alpha 0.5": "hywia, fixed α=0.5 (no adaptive)"}.get(extra, row["method"] + (f" {extra}" if extra else ""))
+
+
+def cell(values: list[float], digits: int = 2) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def quality_table(records: list[dict], samples: int | None) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        row = r["row"]
+        if row["ratio"] > 0 and samples is not None and row["method"] not in ("l1", "l2", "random") and row["samples"] != samples:
+            continue
+        groups[(row["ratio"], label(row))].append(r)
+    lines = ["| method | ratio | seeds | params | WikiText-2 ppl | PTB ppl |", "|---|---|---|---|---|---|"]
+    for (ratio, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], statistics.mean(r["ppl"]["wikitext2"] for r in kv[1]))):
+        ppl = [cell([r["ppl"][d] for r in rs]) for d in DATA]
+        lines.append(f"| {name} | {ratio:.0%} | {len(rs)} | {rs[0]['params']:,} | {ppl[0]} | {ppl[1]} |")
+    return "\n".join(lines)
+
+
+def cost_table(records: list[dict]) -> str:
+    lines = ["| method | ratio | calibration samples | prune s | load s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in records:
+        row = r["row"]
+        lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['samples']} | {r['prune_seconds']:.1f} | "
+                     f"{r['load_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    quality = load("smollm2.jsonl")
+    print("## Baselines, 10 calibration samples\n")
+    print(quality_table([r for r in quality if r["row"]["method"] != "hywia"], 10))
+    for samples in (10, 50):
+        print(f"\n## HyWIA and baselines, {samples} calibration samples\n")
+        print(quality_table([r for r in quality if r["row"]["method"] not in ("l1",)], samples))
+    cost = load("prune_cost.jsonl")
+    if cost:
+        print("\n## Prune cost\n")
+        print(cost_table(cost))
+    recovery = load("recovery.jsonl")
+    if recovery:
+        print("\n## Recovery\n")
+        print("| model | LoRA steps | finetune s | WikiText-2 ppl | PTB ppl |\n|---|---|---|---|---|")
+        for r in recovery:
+            print(f"| {r['name']} | {r['steps']} | {r['seconds']:.0f} | {r['ppl']['wikitext2']:.2f} | {r['ppl']['ptb']:.2f} |")
