@@ -73,6 +73,13 @@ def test_calibration_from_a_file(tmp_path, tokenizer, name, body):
     assert ids.shape == (3, 8) and record["source"] == str(tmp_path / name)
 
 
+def test_user_text_file_is_read_verbatim(tmp_path):
+    (tmp_path / "t.txt").write_text("line one\nline two\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert load_text(str(tmp_path / "t.txt"), "test").text == "line one\nline two\n"
+    assert load_text(str(tmp_path / "t.jsonl"), "test").text == "a\n\nb"
+
+
 def test_malformed_jsonl_is_a_one_line_error(tmp_path, tokenizer):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(HywiaError, match="not valid JSON"):

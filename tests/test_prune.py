@@ -136,5 +136,7 @@ def test_mlp_may_be_emptied_only_when_asked():
     assert len(removed[1]) == 48  # layer 1 loses every channel
     remove_groups(model, sets, removed)
     assert model.model.layers[1].mlp.up_proj.out_features == 0
+    assert [s.params_per_group for s in find_groups(model, "mlp")] == [3 * 64] * 3
+    assert model.config.hywia_layer_widths[1]["intermediate_size"] == 0
     kept = {f"{s.layer}.mlp": [g for g in range(48) if g not in r.tolist()] for s, r in zip(sets, removed)}
     assert (logits(model) - logits(masked_reference(dense, kept))).abs().max() < 1e-4

@@ -103,7 +103,9 @@ def load_text(name: str, split: str, data_dir_path: str | os.PathLike | None = N
         path = Path(name).expanduser()
         if not path.exists():
             raise HywiaError(f"unknown dataset '{name}': use one of {', '.join(SOURCES)} or a path to a .txt/.jsonl/.parquet file")
-        return Text(_join(_read_rows(path, "text"), SOURCES["wikitext2"]), str(path), None)
+        rows = _read_rows(path, "text")
+        is_text_file = path.suffix not in (".jsonl", ".json", ".parquet", ".gz")
+        return Text("".join(rows) if is_text_file else "\n\n".join(rows), str(path), None)  # a text file verbatim
     source = SOURCES[name]
     local = data_dir(data_dir_path)
     if local is not None:

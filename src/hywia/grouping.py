@@ -7,6 +7,8 @@ gate_proj and up_proj and the matching column of down_proj.
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +51,8 @@ class LayerGroups:
 
     @property
     def params_per_group(self) -> int:
-        return sum(s.param.numel() // self.count for s in self.slots)
+        """Parameters one group owns, from shapes alone (so it holds for a layer pruned down to zero groups)."""
+        return sum(s.size * math.prod(d for axis, d in enumerate(s.param.shape) if axis != s.dim) for s in self.slots)
 
     def member_sums(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:
         """Sum a per-weight tensor (shaped like each parameter) within every group, slot by slot: [count, n_slots]."""

@@ -68,13 +68,17 @@ def _lowest(candidates: list[tuple[float, int, int]], n: int, left: list[int], f
     return picked
 
 
-def check_options(method: str, ratio: float, scope: str, target: str, method_options: dict | None = None) -> None:
-    """Validate what can be validated before a model is loaded, so a typo costs no time."""
-    get_criterion(method, method_options)
+def _check_ratio_and_scope(ratio: float, scope: str) -> None:
     if not 0 < ratio < 1:
         raise HywiaError(f"--ratio {ratio} is out of range: give the fraction of prunable parameters to remove, 0 < ratio < 1")
     if scope not in ("layer", "global"):
         raise HywiaError(f"unknown scope '{scope}': use layer or global")
+
+
+def check_options(method: str, ratio: float, scope: str, target: str, method_options: dict | None = None) -> None:
+    """Validate what can be validated before a model is loaded, so a typo costs no time."""
+    get_criterion(method, method_options)
+    _check_ratio_and_scope(ratio, scope)
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
 
@@ -82,7 +86,7 @@ def check_options(method: str, ratio: float, scope: str, target: str, method_opt
 def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, scope: str = "layer",
              min_keep: int = 1) -> list[torch.Tensor]:
     """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters."""
-    check_options("random", ratio, scope, "both")
+    _check_ratio_and_scope(ratio, scope)
     floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
     left = [s.count for s in sets]
     removed: list[list[int]] = [[] for _ in sets]
@@ -103,7 +107,7 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
                 raise HywiaError(
                     f"--ratio {ratio} would leave layer {sets[members[0]].layer} with fewer than {floors[members[0]]} {kind} groups "
                     f"(it has {total}); lower --ratio" + (" or pass --min-keep 0" if kind == "mlp" else ""))
-            candidates = [(scores[i][g].item(), i, g) for i in members for g in range(sets[i].count)]
+            candidates = [(value, i, g) for i in members for g, value in enumerate(scores[i].tolist())]
             picked = _lowest(candidates, n, left, floors)
             if len(picked) < n:
                 raise HywiaError(f"--ratio {ratio} is impossible: keeping at least {floors[members[0]]} {kind} groups per layer, "
@@ -114,6 +118,11 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
     if not any(removed):
         raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
     return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
+
+
+def _kept(count: int, removed: torch.Tensor) -> list[int]:
+    gone = set(removed.tolist())
+    return [g for g in range(count) if g not in gone]
 
 
 def _group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
@@ -136,7 +145,7 @@ def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch
     for s, gone in zip(sets, removed):
         if len(gone) == 0:
             continue
-        keep = torch.tensor([g for g in range(s.count) if g not in set(gone.tolist())], dtype=torch.long)
+        keep = torch.tensor(_kept(s.count, gone), dtype=torch.long)
         for name, (module, dim, size) in s.modules.items():
             new = _shrunk(module, dim, _group_rows(keep, size))
             parent, _, child = name.rpartition(".")
@@ -225,6 +234,19 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
     return compared
 
 
+def _calibration(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_len: int, seed: int,
+                 data_dir: str | None) -> tuple[torch.Tensor, dict]:
+    """Calibration token ids [n, seq_len] and where they came from."""
+    if isinstance(calib, torch.Tensor):
+        ids, record = calib, {"source": "tensor", "split": None, "name": "tensor"}
+    elif tokenizer is None:
+        raise HywiaError("a gradient criterion needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
+    else:
+        ids, record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
+        record["name"] = calib
+    return ids, {**record, "samples": len(ids), "seq_len": ids.shape[1]}
+
+
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str = "layer",
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
@@ -243,23 +265,16 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     sets = find_groups(model, target, layers)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
-    calib_record: dict = {"samples": 0}
-    ids = None
+    ids, calib_record = None, {"samples": 0}
     if criterion.needs_grad or criterion.needs_fisher:
-        if isinstance(calib, torch.Tensor):
-            ids, calib_record = calib, {"source": "tensor", "split": None}
-        else:
-            if tokenizer is None:
-                raise HywiaError("a gradient criterion needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
-            ids, calib_record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
-        calib_record = {**calib_record, "samples": len(ids), "seq_len": ids.shape[1], "name": calib if isinstance(calib, str) else "tensor"}
+        ids, calib_record = _calibration(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     scores = score_groups(model, sets, criterion, ids, seed, batch_size, method_options)
     removed = allocate(sets, scores.per_set, ratio, scope, min_keep)
     extra: dict = {"options": method_options}
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
-    kept = {f"{s.layer}.{s.kind}": [g for g in range(s.count) if g not in set(r.tolist())] for s, r in zip(sets, removed)}
+    kept = {f"{s.layer}.{s.kind}": _kept(s.count, r) for s, r in zip(sets, removed)}
     remove_groups(model, sets, removed)
     after_sets = find_groups(model, target, layers)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)
