@@ -8,11 +8,7 @@ random; at 20% and 50%; calibrated on 10 and 50 random 128-token windows of the 
 no calibration data, so they run once per ratio. Evaluation: WikiText-2 and PTB test, first 100 windows of 128.
 Shares benchmarks/results/smollm2.jsonl with criteria.py, so rows measured there are not run again.
 """
-import argparse
-import os
-from pathlib import Path
-
-from hywia.bench import Row, markdown_table, run_grid
+from hywia.bench import Row, grid_main
 
 
 def rows(model: str) -> list[Row]:
@@ -27,12 +23,4 @@ def rows(model: str) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
-    parser.add_argument("--max-windows", type=int, default=100)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "smollm2.jsonl")
-    args = parser.parse_args()
-    data = ["wikitext2", "ptb"]
-    records = run_grid(rows(args.model), args.results, data, args.data_dir, max_windows=args.max_windows)
-    print(markdown_table(records, data))
+    grid_main(__doc__, rows)

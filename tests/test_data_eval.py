@@ -66,9 +66,14 @@ def test_prune_falls_back_to_generated_text_loudly(tokenizer, monkeypatch):
     assert ids.shape == (2, 12) and record["source"] == "generated-by-model"
 
 
-@pytest.mark.parametrize("name, body", [("c.txt", "a b c\n" * 200), ("c.jsonl", '{"text": "a b c"}\n' * 200)])
+@pytest.mark.parametrize("name, body", [("c.txt", "a b c\n" * 200), ("c.jsonl", '{"text": "a b c"}\n' * 200), ("c.parquet", None)])
 def test_calibration_from_a_file(tmp_path, tokenizer, name, body):
-    (tmp_path / name).write_text(body)
+    if body is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": ["a b c"] * 200}), tmp_path / name)
+    else:
+        (tmp_path / name).write_text(body)
     ids, record = calibration_samples(tiny_model(), tokenizer, str(tmp_path / name), 3, 8, seed=0)
     assert ids.shape == (3, 8) and record["source"] == str(tmp_path / name)
 

@@ -6,12 +6,14 @@ measured and a rerun skips rows already there.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,3 +100,16 @@ def markdown_table(records: list[dict], data: list[str]) -> str:
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         lines.append(f"| {name} | {row['ratio']:.0%} | {row['seed']} | {r['params']:,} | {ppl} | {seconds} | {rss} |")
     return "\n".join(lines)
+
+
+def grid_main(doc: str, rows: Callable[[str], list[Row]]) -> None:
+    """The command line of a grid script: run `rows(model)` into the shared results file and print the table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--max-windows", type=int, default=100)
+    parser.add_argument("--results", type=Path, default=Path("benchmarks") / "results" / "smollm2.jsonl")
+    args = parser.parse_args()
+    data = ["wikitext2", "ptb"]
+    records = run_grid(rows(args.model), args.results, data, args.data_dir, max_windows=args.max_windows)
+    print(markdown_table(records, data))
