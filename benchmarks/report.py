@@ -45,6 +45,24 @@ def quality_table(records: list[dict], samples: int | None) -> str:
     return "\n".join(lines)
 
 
+PAIRS = (("hywia", "element2"), ("hywia", "hywia, fixed α=0.5 (no adaptive)"), ("hywia, fixed α=0.5 (no adaptive)", "element2"))
+
+
+def paired_table(records: list[dict]) -> str:
+    """Per-seed WikiText-2 ppl ratios of rows calibrated on the same windows (same seed): calibration noise cancels."""
+    ppl = {(r["row"]["ratio"], r["row"]["samples"], label(r["row"]), r["row"]["seed"]): r["ppl"]["wikitext2"] for r in records}
+    lines = ["| ratio | samples | comparison (WikiText-2 ppl ratio, per seed) | seeds | mean ± std | per seed |", "|---|---|---|---|---|---|"]
+    for ratio, samples in sorted({(k[0], k[1]) for k in ppl if k[0] > 0}):
+        for a, b in PAIRS:
+            seeds = sorted(s for (r, n, name, s) in ppl if (r, n, name) == (ratio, samples, a) and (ratio, samples, b, s) in ppl)
+            if len(seeds) < 2:
+                continue
+            ratios = [ppl[(ratio, samples, a, s)] / ppl[(ratio, samples, b, s)] for s in seeds]
+            per_seed = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"| {ratio:.0%} | {samples} | {a} / {b} | {len(seeds)} | {cell(ratios)} | {per_seed} |")
+    return "\n".join(lines)
+
+
 def cost_table(records: list[dict]) -> str:
     lines = ["| method | ratio | calibration samples | prune s | load s | peak RSS MB |", "|---|---|---|---|---|---|"]
     for r in records:
@@ -61,6 +79,8 @@ if __name__ == "__main__":
     for samples in (10, 50):
         print(f"\n## HyWIA and baselines, {samples} calibration samples\n")
         print(quality_table([r for r in quality if r["row"]["method"] not in ("l1",)], samples))
+    print("\n## Same calibration windows, paired by seed (ratio < 1: the first is better)\n")
+    print(paired_table(quality))
     cost = load("prune_cost.jsonl")
     if cost:
         print("\n## Prune cost\n")
