@@ -1,4 +1,4 @@
-"""The six baseline criteria on the packaged SmolLM2-135M at 0%, 20% and 50% (issue 2's RESULTS table).
+"""The baseline criteria on the packaged SmolLM2-135M at 0%, 20% and 50% (issue 2's RESULTS table).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/criteria.py
 
@@ -8,11 +8,12 @@ Results go to benchmarks/results/smollm2.jsonl (rows already there are skipped) 
 """
 from hywia.bench import Row, grid_main
 
-METHODS = ["random", "l1", "l2", "vector", "element1", "element2"]
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "wanda_sp"]
 
 
 def rows(model: str) -> list[Row]:
-    return [Row(model, "dense", 0.0)] + [Row(model, m, r) for r in (0.2, 0.5) for m in METHODS]
+    grid = [Row(model, "dense", 0.0)] + [Row(model, m, r) for r in (0.2, 0.5) for m in METHODS]
+    return grid + [Row(model, "wanda_sp", r, samples=50) for r in (0.2, 0.5)]
 
 
 if __name__ == "__main__":

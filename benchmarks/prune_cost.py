@@ -9,11 +9,12 @@ loading included. Calibration: 10 or 50 windows of 128 tokens from the WikiText-
 import argparse
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from hywia.bench import Row, run_row
 
-METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia"]
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp"]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,10 +23,14 @@ if __name__ == "__main__":
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prune_cost.jsonl")
     args = parser.parse_args()
     rows = [Row(args.model, m, r) for r in (0.2, 0.5) for m in METHODS]
-    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia")]
+    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp")]
+    done = {json.dumps(json.loads(line)["row"], sort_keys=True) for line in args.results.read_text().splitlines()} \
+        if args.results.exists() else set()
     print("| method | ratio | samples | prune s | load s | peak RSS MB |\n|---|---|---|---|---|---|")
-    with args.results.open("w") as f:
+    with args.results.open("a") as f:
         for row in rows:
+            if json.dumps({**asdict(row), "extra": list(row.extra)}, sort_keys=True) in done:
+                continue  # measured already: delete the file to measure everything again
             r = run_row(row, [], args.data_dir)
             f.write(json.dumps(r) + "\n")
             print(f"| {row.method} | {row.ratio:.0%} | {row.samples} | {r['prune_seconds']:.1f} | {r['load_seconds']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)

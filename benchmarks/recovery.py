@@ -4,9 +4,10 @@
 
 Pruning: 10 calibration windows of 128 tokens (WikiText-2 validation), layer scope, seed 0.
 Recovery: `hywia finetune` with the paper's defaults (rank 8, alpha 16, lr 1e-4, effective batch 64) on the
-102-record Alpaca-cleaned sample in the data dir for 2 epochs (4 optimizer steps): a smoke-scale recovery, not
-the paper's 50k records. Evaluation: WikiText-2 and PTB test, first 100 windows of 128 tokens; zero-shot tasks
-are added when DATA_DIR/zeroshot/ holds them (`--zeroshot`). Results: benchmarks/results/recovery.jsonl.
+102-record Alpaca-cleaned sample in the data dir for `--epochs` epochs (the paper's 2 are 4 optimizer steps of 64
+records here): a smoke-scale recovery, not the paper's 51,760 records. Evaluation: WikiText-2 and PTB test, first
+100 windows of 128 tokens; zero-shot tasks are added when DATA_DIR/zeroshot/ holds them (`--zeroshot`).
+Results are appended to benchmarks/results/recovery.jsonl (one line per model and epoch count).
 """
 import argparse
 import json
@@ -23,6 +24,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-windows", type=int, default=100)
     parser.add_argument("--zeroshot", action="store_true", help="also run the seven zero-shot tasks (needs DATA_DIR/zeroshot)")
     parser.add_argument("--limit", type=int, default=None, help="zero-shot documents per task")
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "recovery.jsonl")
     args = parser.parse_args()
 
@@ -34,16 +36,18 @@ if __name__ == "__main__":
         return _hywia("eval", "ppl", "--model", model, "--data", "wikitext2", "ptb", "--max-windows", str(args.max_windows),
                       "--data-dir", args.data_dir)
 
-    with tempfile.TemporaryDirectory() as tmp, args.results.open("w") as f:
+    with tempfile.TemporaryDirectory() as tmp, args.results.open("a") as f:
         for method in ("hywia", "element2"):
             pruned, tuned = str(Path(tmp) / f"{method}-pruned"), str(Path(tmp) / f"{method}-tuned")
             _hywia("prune", "--model", args.model, "--method", method, "--ratio", "0.2", "--data-dir", args.data_dir, "--out", pruned)
             for name, model, steps, seconds in ((f"{method} 20%", pruned, 0, 0.0), (f"{method} 20% + LoRA", tuned, None, None)):
                 if steps is None:
-                    done = _hywia("finetune", "--model", pruned, "--data", "alpaca", "--data-dir", args.data_dir, "--out", tuned)
+                    done = _hywia("finetune", "--model", pruned, "--data", "alpaca", "--data-dir", args.data_dir,
+                                  "--epochs", str(args.epochs), "--out", tuned)
                     steps, seconds = done["steps"], done["seconds"]
                 result = evaluate(model)
-                record = {"name": name, "steps": steps, "seconds": seconds, "params": result["params"],
+                record = {"name": name, "epochs": args.epochs if steps else 0, "steps": steps, "seconds": seconds,
+                          "params": result["params"],
                           "ppl": {k: v["ppl"] for k, v in result["ppl"].items()}, "zeroshot": result.get("zeroshot"),
                           "machine": machine()}
                 f.write(json.dumps(record) + "\n")

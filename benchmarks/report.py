@@ -88,6 +88,7 @@ if __name__ == "__main__":
     recovery = load("recovery.jsonl")
     if recovery:
         print("\n## Recovery\n")
-        print("| model | LoRA steps | finetune s | WikiText-2 ppl | PTB ppl |\n|---|---|---|---|---|")
-        for r in recovery:
-            print(f"| {r['name']} | {r['steps']} | {r['seconds']:.0f} | {r['ppl']['wikitext2']:.2f} | {r['ppl']['ptb']:.2f} |")
+        print("| model | LoRA epochs | LoRA steps | finetune s | WikiText-2 ppl | PTB ppl |\n|---|---|---|---|---|---|")
+        latest = {(r["name"], r.get("epochs", 0)): r for r in recovery}  # a rerun replaces its own rows
+        for r in latest.values():
+            print(f"| {r['name']} | {r.get('epochs', 0)} | {r['steps']} | {r['seconds']:.0f} | {r['ppl']['wikitext2']:.2f} | {r['ppl']['ptb']:.2f} |")

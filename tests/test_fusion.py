@@ -8,8 +8,9 @@ import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, find_groups, prune
-from hywia.fusion import AttentionFusion, fuse
+from hywia.fusion import AttentionFusion, fuse, normalise
 from hywia.importance import collect_stats
+from hywia.prune import check_options
 
 
 @pytest.fixture
@@ -51,19 +52,37 @@ def test_row_chunking_is_exact(monkeypatch):
     assert torch.allclose(whole, AttentionFusion(3, 16, seed=0).alpha(x_fine, x_coarse), atol=1e-6)
 
 
-def test_fused_scores_do_not_depend_on_either_granularity_scale(stats_and_sets):
+@pytest.mark.parametrize("normalize", ["rank", "mean"])
+def test_fused_scores_do_not_depend_on_either_granularity_scale(normalize, stats_and_sets):
     _, sets, stats = stats_and_sets
-    base = fuse(sets, stats, {})
+    base = fuse(sets, stats, {"normalize": normalize})
     scaled = copy.deepcopy(stats)
     scaled.fisher = {k: v * 1e6 for k, v in stats.fisher.items()}  # fine scores x 1e6
     scaled.grad = {k: v * 1e-3 for k, v in stats.grad.items()}  # coarse scores x 1e-3
-    again = fuse(sets, scaled, {})
+    again = fuse(sets, scaled, {"normalize": normalize})
     for a, b in zip(base.per_set, again.per_set):
         assert torch.allclose(a, b, rtol=1e-4)
-    for kind in ("attention", "mlp"):  # both granularities have mean 1 over the groups of a kind
+    for kind in ("attention", "mlp"):
         for name in ("fine", "coarse"):
             pooled = torch.cat([t for s, t in zip(sets, base.details[name]) if s.kind == kind])
-            assert pooled.mean().item() == pytest.approx(1.0, rel=1e-5)
+            if normalize == "mean":  # mean 1 over the groups of a kind
+                assert pooled.mean().item() == pytest.approx(1.0, rel=1e-5)
+            else:  # ranks 1/n .. 1 over the groups of a kind
+                assert torch.equal(pooled.sort().values, torch.arange(1, len(pooled) + 1) / len(pooled))
+
+
+def test_rank_normalisation_lets_neither_granularity_dominate():
+    """A heavy-tailed fine score (as Element^2 is) against a flat coarse one: under mean normalisation the coarse
+    score decides most of the lowest quarter of the fused ranking; under rank normalisation both decide equally."""
+    generator = torch.Generator().manual_seed(0)
+    fine, coarse = torch.exp(3 * torch.randn(2000, generator=generator)), torch.rand(2000, generator=generator) + 0.5
+    lowest = lambda x: set(torch.argsort(x)[:500].tolist())  # noqa: E731
+    shared = {}
+    for mode in ("mean", "rank"):
+        fused = 0.5 * normalise(fine, mode) + 0.5 * normalise(coarse, mode)
+        shared[mode] = [len(lowest(fused) & lowest(x)) / 500 for x in (fine, coarse)]
+    assert shared["mean"][1] > shared["mean"][0] + 0.4
+    assert abs(shared["rank"][0] - shared["rank"][1]) < 0.1
 
 
 def test_alpha_is_reproducible_for_a_seed_and_varies_across_groups(stats_and_sets):
@@ -95,8 +114,11 @@ def test_attention_fusion_differs_from_fixed_half(calib_ids):
     ({"alpha": 0.3}, "--fusion fixed"),
     ({"fusion": "fixed", "alpha": 1.5}, "out of range"),
     ({"fusion": "mean"}, "unknown fusion"),
+    ({"normalize": "max"}, "unknown --normalize"),
 ])
 def test_bad_fusion_options(options, message, calib_ids):
+    with pytest.raises(HywiaError, match=message):  # refused before a model is even loaded
+        check_options("hywia", 0.3, "layer", "both", options)
     with pytest.raises(HywiaError, match=message):
         prune(tiny_model(), method="hywia", ratio=0.3, calib=calib_ids, **options)
 

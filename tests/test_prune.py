@@ -140,3 +140,30 @@ def test_mlp_may_be_emptied_only_when_asked():
     assert model.config.hywia_layer_widths[1]["intermediate_size"] == 0
     kept = {f"{s.layer}.mlp": [g for g in range(48) if g not in r.tolist()] for s, r in zip(sets, removed)}
     assert (logits(model) - logits(masked_reference(dense, kept))).abs().max() < 1e-4
+
+
+def test_wanda_sp_weighs_down_proj_columns_by_channel_activation_norms(calib_ids):
+    """Wanda-sp's MLP score from an independent computation: the MLP input captured at the block, the channel
+    activations silu(gate x) * up x recomputed by hand, then sum_i |W_down[i, c]| * ||a_c||_2."""
+    from hywia.importance import get_criterion
+    from hywia.prune import score_groups
+
+    model = tiny_model("llama")
+    mlp = model.model.layers[1].mlp
+    inputs = []
+    handle = mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    sets = find_groups(model, "mlp")
+    scores = score_groups(model, sets, get_criterion("wanda_sp"), calib_ids, seed=0, batch_size=4)
+    handle.remove()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
+    with torch.no_grad():
+        a = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        expected = (mlp.down_proj.weight.abs() * a.square().sum(0).sqrt()).sum(0)
+    torch.testing.assert_close(scores.per_set[1], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_wanda_sp_needs_no_gradient(calib_ids):
+    model = tiny_model("llama")
+    pruned, report = prune(model, method="wanda_sp", ratio=0.3, calib=calib_ids)
+    assert all(p.grad is None for p in pruned.parameters())
+    assert report.calibration["samples"] == len(calib_ids)

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2")
+    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2, wanda_sp")
     p.add_argument("--ratio", type=float, required=True, help="fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--calib", default="wikitext2", help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path")
     p.add_argument("--samples", type=int, default=10)
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model) or fixed")
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
+    p.add_argument("--normalize", default=None, help="hywia only: rank (default) or mean, how fine and coarse scores are put on one scale")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -79,7 +80,8 @@ def _prune(args) -> dict:
     from .io import check_output, load_model, save_model
     from .prune import check_options, prune
 
-    method_options = {k: v for k, v in (("fusion", args.fusion), ("alpha", args.alpha), ("fusion_dim", args.fusion_dim)) if v is not None}
+    method_options = {k: v for k, v in (("fusion", args.fusion), ("alpha", args.alpha), ("fusion_dim", args.fusion_dim),
+                                        ("normalize", args.normalize)) if v is not None}
     check_output(args.out, args.overwrite)  # fail before minutes of work, not after
     check_options(args.method, args.ratio, args.scope, args.target, method_options)
     data_dir(args.data_dir)

@@ -4,8 +4,11 @@ Statistics come from the causal-LM loss on calibration samples:
   grad   = gradient of the mean loss over the batch (first order, what `vector` and `element1` use);
   fisher = mean over samples of the squared per-sample gradient, the diagonal of the empirical Fisher, which
            stands in for the Hessian diagonal in the second-order Taylor term (what `element2` uses).
-A criterion declares which of them it needs, so magnitude criteria never run a backward pass and only the
-second-order ones pay for per-sample backward passes.
+and from a forward pass alone:
+  input_sq = sum over calibration tokens of the squared input of every input-column projection (o_proj,
+           down_proj), per input feature: the squared activation norms Wanda-sp weighs weights by.
+A criterion declares which of them it needs, so magnitude criteria never run a backward pass, activation
+criteria never run one either, and only the second-order ones pay for per-sample backward passes.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Stats:
 
     grad: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # keyed by module name, [in_features]
     seed: int = 0
 
 
@@ -40,12 +44,19 @@ class Scores:
 @dataclass(frozen=True)
 class Criterion:
     """`score(sets, stats, options)` scores every LayerGroups at once, so a criterion may normalise across layers.
-    `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused."""
+    `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused, and `check`
+    validates their values before any model is loaded."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
     needs_fisher: bool = False
+    needs_inputs: bool = False
     options: tuple[str, ...] = ()
+    check: Callable[[dict], object] | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.needs_grad or self.needs_fisher or self.needs_inputs
 
 
 def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[list[LayerGroups], Stats, dict], Scores]:
@@ -94,6 +105,31 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     return stats
 
 
+def collect_input_sq(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Sum over all calibration tokens of each named Linear's squared input, per input feature (no backward pass)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in module_names]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(samples), batch_size), desc="activations", unit="batch", leave=False):
+                model(input_ids=samples[start:start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sums
+
+
 def _random(groups: LayerGroups, stats: Stats) -> torch.Tensor:
     """Uniform random scores, seeded per layer and kind so a run is reproducible."""
     generator = torch.Generator().manual_seed(stats.seed * 100_003 + groups.layer * 2 + (groups.kind == "mlp"))
@@ -123,6 +159,18 @@ def _vector(groups: LayerGroups, stats: Stats) -> torch.Tensor:
     return groups.sum(lambda s: s.param.detach() * stats.grad[s.name]).abs()
 
 
+def _wanda_sp(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """Wanda-sp (the structured Wanda of An et al., FLAP, AAAI 2024): sum over the group's input columns of the
+    output projection (o_proj / down_proj) of |W_ij| * ||X_j||_2, X_j the column's input over calibration tokens.
+    Rows of q/k/v/gate/up contribute nothing: Wanda-sp scores a structure by the weights that read its output."""
+    def per_weight(slot):
+        if slot.dim != 1:
+            return torch.zeros_like(slot.param, dtype=torch.float32)
+        norm = stats.input_sq[slot.name.rsplit(".", 1)[0]].sqrt()
+        return slot.param.detach().float().abs() * norm
+    return groups.sum(per_weight)
+
+
 CRITERIA: dict[str, Criterion] = {
     "random": Criterion(per_layer(_random)),
     "l1": Criterion(per_layer(_l1)),
@@ -130,6 +178,7 @@ CRITERIA: dict[str, Criterion] = {
     "element1": Criterion(per_layer(_element1), needs_grad=True),
     "element2": Criterion(per_layer(_element2), needs_grad=True, needs_fisher=True),
     "vector": Criterion(per_layer(_vector), needs_grad=True),
+    "wanda_sp": Criterion(per_layer(_wanda_sp), needs_inputs=True),
 }
 
 
@@ -146,4 +195,6 @@ def get_criterion(name: str, options: dict | None = None) -> Criterion:
     if unknown:
         raise HywiaError(f"--{unknown[0].replace('_', '-')} does not apply to --method {name}" +
                          (f" (it takes {', '.join(criterion.options)})" if criterion.options else ""))
+    if criterion.check is not None:
+        criterion.check(options or {})
     return criterion

@@ -20,7 +20,7 @@ from torch import nn
 from .data import calibration_samples
 from .errors import HywiaError
 from .grouping import LayerGroups, find_groups
-from .importance import Criterion, Scores, Stats, collect_stats, get_criterion
+from .importance import Criterion, Scores, Stats, collect_input_sq, collect_stats, get_criterion
 
 # transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
 MIN_KEEP_FLOOR = {"attention": 1, "mlp": 0}
@@ -208,6 +208,9 @@ def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion
     if criterion.needs_grad or criterion.needs_fisher:
         names = {slot.name for s in sets for slot in s.slots}
         stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher, batch_size=batch_size, seed=seed)
+    if criterion.needs_inputs:
+        readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
+        stats.input_sq = collect_input_sq(model, samples, readers, batch_size)
     with torch.no_grad():
         return criterion.score(sets, stats, options or {})
 
@@ -240,7 +243,7 @@ def _calibration(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_
     if isinstance(calib, torch.Tensor):
         ids, record = calib, {"source": "tensor", "split": None, "name": "tensor"}
     elif tokenizer is None:
-        raise HywiaError("a gradient criterion needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
+        raise HywiaError("this method needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
     else:
         ids, record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
         record["name"] = calib
@@ -266,7 +269,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
     ids, calib_record = None, {"samples": 0}
-    if criterion.needs_grad or criterion.needs_fisher:
+    if criterion.needs_data:
         ids, calib_record = _calibration(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     scores = score_groups(model, sets, criterion, ids, seed, batch_size, method_options)
     removed = allocate(sets, scores.per_set, ratio, scope, min_keep)
