@@ -6,7 +6,9 @@ Prunes the packaged SmolLM2-135M at 20% (layer scope, 10 WikiText-2 validation w
 `--method hywia` for seeds 0, 1, 2 (the seed draws the calibration windows and the fusion model), and reads each
 run's scores.safetensors. With layer scope every layer prunes the same number of groups of each kind whatever the
 scores, so the pruned set of a score is its k lowest groups per layer: the script compares those sets for the
-fine-only (Element²), coarse-only (Vector), fixed-α 0.5 and fused scores of one seed, and across seeds. It also copies seed 0's two figures to docs/figures/. Output: a markdown summary.
+fine-only (Element²), coarse-only (Vector), fixed-α 0.5 and fused scores of one seed, and across seeds.
+`--normalize mean` runs the first reading of the scale handling instead of the default rank normalisation.
+Output: a markdown summary; a rank run also copies seed 0's two figures to docs/figures/.
 """
 import argparse
 import json
@@ -38,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--normalize", default="rank", choices=["rank", "mean"])
     parser.add_argument("--figures", type=Path, default=Path(__file__).parent.parent / "docs" / "figures")
     args = parser.parse_args()
     runs = {}
@@ -45,13 +48,13 @@ def main() -> None:
         for seed in SEEDS:
             out = Path(tmp) / f"seed{seed}"
             _hywia("prune", "--model", args.model, "--method", "hywia", "--ratio", "0.2", "--samples", "10",
-                   "--seq-len", "128", "--seed", str(seed), "--data-dir", args.data_dir, "--out", str(out))
+                   "--seq-len", "128", "--seed", str(seed), "--normalize", args.normalize, "--data-dir", args.data_dir, "--out", str(out))
             flat = load_file(str(out / "scores.safetensors"))
             runs[seed] = {name: {k.split("/", 1)[1]: t for k, t in flat.items() if k.startswith(name + "/")}
                           for name in ("fine", "coarse", "alpha", "fused")}
             config = json.loads((out / "config.json").read_text())
             kept = {"attention": config["num_key_value_heads"], "mlp": config["intermediate_size"]}
-            if seed == 0:
+            if seed == 0 and args.normalize == "rank":
                 args.figures.mkdir(parents=True, exist_ok=True)
                 for name in ("kept_params.png", "alpha.png"):
                     shutil.copyfile(out / name, args.figures / name)
@@ -72,6 +75,7 @@ def main() -> None:
         print(f"| {kind} | {pooled.mean():.3f} | {pooled.std():.3f} | {within:.4f} | {pooled.min():.3f} | {pooled.max():.3f} |")
     comparisons = [(f"seed {s}: fused vs {ref}", (s, "fused"), (s, ref)) for s in SEEDS for ref in ("fine", "coarse", "fixed")]
     comparisons += [(f"seed {s}: fixed α 0.5 vs fine", (s, "fixed"), (s, "fine")) for s in SEEDS]
+    comparisons += [(f"seed {s}: fine vs coarse", (s, "fine"), (s, "coarse")) for s in SEEDS]
     comparisons += [(f"seed {s} vs seed 0: {name}", (s, name), (0, name)) for s in SEEDS[1:] for name in ("fine", "fused")]
     print("\nshare of pruned groups two selections have in common\n\n| selections | attention | MLP |\n|---|---|---|")
     for title, (sa, na), (sb, nb) in comparisons:
@@ -79,8 +83,8 @@ def main() -> None:
         print(f"| {title} | {agreement(a, b, 'attention'):.2f} | {agreement(a, b, 'mlp'):.2f} |")
     for kind in kept:
         fine, coarse = (torch.cat([first[n][k] for k in first[n] if k.endswith("." + kind)]) for n in ("fine", "coarse"))
-        print(f"\n{kind}: normalised fine score median {fine.median():.3f}, max {fine.max():.1f}; "
-              f"coarse median {coarse.median():.3f}, max {coarse.max():.1f} (both have mean 1)")
+        print(f"\n{kind} ({args.normalize}-normalised, seed 0): fine median {fine.median():.3f}, max {fine.max():.1f}; "
+              f"coarse median {coarse.median():.3f}, max {coarse.max():.1f}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,17 @@ def load(name: str) -> list[dict]:
 
 
 def label(row: dict) -> str:
+    """"hywia, fixed α=0.5, mean-normalised" from the method and its extra flags."""
     if row["ratio"] == 0:
         return "dense"
-    extra = " ".join(row["extra"])
-    return {"--fusion fixed --alpha 0.5": "hywia, fixed α=0.5 (no adaptive)"}.get(extra, row["method"] + (f" {extra}" if extra else ""))
+    flags = dict(zip(row["extra"][::2], row["extra"][1::2]))
+    parts = [row["method"]]
+    if flags.pop("--fusion", None) == "fixed":
+        parts.append(f"fixed α={flags.pop('--alpha', '0.5')}")
+    if flags.pop("--normalize", None) == "mean":
+        parts.append("mean-normalised")
+    parts += [f"{k} {v}" for k, v in flags.items()]
+    return ", ".join(parts)
 
 
 def cell(values: list[float], digits: int = 2) -> str:
@@ -45,7 +52,9 @@ def quality_table(records: list[dict], samples: int | None) -> str:
     return "\n".join(lines)
 
 
-PAIRS = (("hywia", "element2"), ("hywia", "hywia, fixed α=0.5 (no adaptive)"), ("hywia, fixed α=0.5 (no adaptive)", "element2"))
+PAIRS = tuple((a + suffix, b + (suffix if b != "element2" else "")) for suffix in ("", ", mean-normalised")
+              for a, b in (("hywia", "element2"), ("hywia", "hywia, fixed α=0.5"), ("hywia, fixed α=0.5", "element2")))
+PAIRS += (("hywia", "hywia, mean-normalised"),)
 
 
 def paired_table(records: list[dict]) -> str:
