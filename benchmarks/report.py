@@ -74,7 +74,8 @@ def paired_table(records: list[dict]) -> str:
 
 def cost_table(records: list[dict]) -> str:
     lines = ["| method | ratio | calibration samples | prune s | load s | peak RSS MB |", "|---|---|---|---|---|---|"]
-    for r in records:
+    methods = list(dict.fromkeys(r["row"]["method"] for r in records))  # first-measured order
+    for r in sorted(records, key=lambda r: (r["row"]["samples"], r["row"]["ratio"], methods.index(r["row"]["method"]))):
         row = r["row"]
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['samples']} | {r['prune_seconds']:.1f} | "
                      f"{r['load_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
