@@ -8,12 +8,14 @@ Results go to benchmarks/results/smollm2.jsonl (rows already there are skipped) 
 """
 from hywia.bench import Row, grid_main
 
-METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "wanda_sp"]
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "wanda_sp", "flap"]
 
 
 def rows(model: str) -> list[Row]:
     grid = [Row(model, "dense", 0.0)] + [Row(model, m, r) for r in (0.2, 0.5) for m in METHODS]
-    return grid + [Row(model, "wanda_sp", r, samples=50) for r in (0.2, 0.5)]
+    grid += [Row(model, m, r, samples=50) for r in (0.2, 0.5) for m in ("wanda_sp", "flap")]
+    # FLAP's metric without its adaptive structure: the same cut per layer as the other criteria
+    return grid + [Row(model, "flap", r, extra=("--scope", "layer")) for r in (0.2, 0.5)]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hywia.bench import Row, run_row
 
-METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp"]
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp", "flap"]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prune_cost.jsonl")
     args = parser.parse_args()
     rows = [Row(args.model, m, r) for r in (0.2, 0.5) for m in METHODS]
-    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp")]
+    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp", "flap")]
     done = {json.dumps(json.loads(line)["row"], sort_keys=True) for line in args.results.read_text().splitlines()} \
         if args.results.exists() else set()
     print("| method | ratio | samples | prune s | load s | peak RSS MB |\n|---|---|---|---|---|---|")

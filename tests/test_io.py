@@ -69,6 +69,20 @@ def test_uniform_cut_that_stock_config_rejects_uses_shapes(tmp_path, tokenizer, 
     assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(model))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bias_compensated_model_reloads_with_its_new_biases(family, tmp_path, tokenizer, calib_ids):
+    # FLAP folds removed inputs into o_proj / down_proj biases the stock layers lack; pruned again, they stay
+    model, _ = prune(tiny_model(family), method="flap", ratio=0.2, calib=calib_ids, scope="layer")
+    assert all(block.self_attn.o_proj.bias is not None for block in model.model.layers)
+    out = save_model(model, tokenizer, tmp_path / "once", {})
+    assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(model))
+    again, _ = load_model(str(out))
+    again, _ = prune(again, method="l2", ratio=0.2, calib=calib_ids)
+    assert all(block.mlp.down_proj.bias is not None for block in again.model.layers)
+    out = save_model(again, tokenizer, tmp_path / "twice", {})
+    assert torch.equal(fresh_process_logits(out, "remote", tmp_path), logits(again))
+
+
 def test_pruning_a_pruned_model_again(tmp_path, tokenizer, calib_ids):
     model, _ = prune(tiny_model(), method="l2", ratio=0.3, calib=calib_ids, scope="global")
     first = save_model(model, tokenizer, tmp_path / "once", {})

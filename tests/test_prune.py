@@ -28,6 +28,38 @@ def masked_reference(dense, kept: dict[str, list[int]]):
     return ref
 
 
+def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: torch.Tensor):
+    """The dense model in which every removed input of o_proj / down_proj (a removed head's output, a removed
+    channel's activation) is replaced by its mean over the calibration tokens: what bias compensation promises."""
+    ref = copy.deepcopy(dense)
+    readers = {s.layer: [(name, s) for name, (_, dim, _) in s.modules.items() if dim == 1] for s in find_groups(ref, "both")}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [ref.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for s in find_groups(ref, "both") for name, (_, dim, _) in s.modules.items() if dim == 1]
+    with torch.no_grad():
+        ref(input_ids=calib_ids)
+    for h in handles:
+        h.remove()
+
+    def substitute(name, columns):
+        mean = torch.cat(inputs[name]).double().mean(0).float()
+
+        def hook(module, args):
+            x = args[0].clone()
+            x[..., columns] = mean[columns]
+            return (x,)
+        return hook
+
+    for s in find_groups(ref, "both"):
+        gone = [g for g in range(s.count) if g not in kept.get(f"{s.layer}.{s.kind}", range(s.count))]
+        name, (_, _, size) = next((n, m) for n, m in s.modules.items() if m[1] == 1)
+        columns = [g * size + i for g in gone for i in range(size)]
+        if columns:
+            ref.get_submodule(name).register_forward_pre_hook(substitute(name, columns))
+    return ref
+
+
 def logits(model):
     with torch.no_grad():
         return model(input_ids=IDS).logits
@@ -38,7 +70,9 @@ def test_every_criterion_equals_masked_dense(method, calib_ids):
     dense = tiny_model("llama")
     pruned, report = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, seed=3)
     assert report.params_after < report.params_before
-    diff = (logits(pruned) - logits(masked_reference(dense, report.kept))).abs().max().item()
+    reference = mean_substituted_reference(dense, report.kept, calib_ids) if CRITERIA[method].compensates \
+        else masked_reference(dense, report.kept)
+    diff = (logits(pruned) - logits(reference)).abs().max().item()
     assert diff < 1e-4, diff
 
 
@@ -167,3 +201,47 @@ def test_wanda_sp_needs_no_gradient(calib_ids):
     pruned, report = prune(model, method="wanda_sp", ratio=0.3, calib=calib_ids)
     assert all(p.grad is None for p in pruned.parameters())
     assert report.calibration["samples"] == len(calib_ids)
+
+
+def test_flap_scores_standardised_weighted_input_variance(calib_ids):
+    """FLAP's MLP scores from an independent computation: each layer's channel activations captured at down_proj,
+    their unbiased variance over tokens times the squared down_proj column norms, standardised over all layers."""
+    from hywia.importance import get_criterion
+    from hywia.prune import score_groups
+
+    model = tiny_model("llama")
+    captured = {}
+    handles = [block.mlp.down_proj.register_forward_pre_hook(
+        lambda m, args, layer=layer: captured.setdefault(layer, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for layer, block in enumerate(model.model.layers)]
+    scores = score_groups(model, find_groups(model, "mlp"), get_criterion("flap"), calib_ids, seed=0, batch_size=4)
+    for h in handles:
+        h.remove()
+    raw = torch.stack([torch.cat(captured[layer]).double().var(0) * block.mlp.down_proj.weight.detach().double().square().sum(0)
+                       for layer, block in enumerate(model.model.layers)])
+    expected = (raw - raw.mean()) / raw.std()
+    torch.testing.assert_close(torch.stack(scores.per_set).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_scope_ranks_kinds_together_by_parameter_cost():
+    """With every attention group scored below every MLP channel, joint allocation spends the budget on attention
+    groups (3,072 parameters each here) until the next would overshoot, then fills the rest with MLP channels (192)."""
+    model = tiny_model()
+    sets = find_groups(model, "both")
+    scores = [torch.arange(s.count, dtype=torch.float) - (100 if s.kind == "attention" else 0) for s in sets]
+    removed = allocate(sets, scores, ratio=0.3, scope="joint")
+    budget = 0.3 * sum(s.count * s.params_per_group for s in sets)
+    taken = sum(len(r) * s.params_per_group for s, r in zip(sets, removed))
+    assert abs(taken - budget) <= 192 / 2
+    attention = [r.tolist() for s, r in zip(sets, removed) if s.kind == "attention"]
+    mlp = [r.tolist() for s, r in zip(sets, removed) if s.kind == "mlp"]
+    assert sum(map(len, attention)) == int(budget // 3072)  # 6 of the 9 removable (each layer keeps one)
+    assert attention == [[0, 1], [0, 1], [0, 1]]  # the lowest scores, ties across layers broken by layer order
+    assert sum(map(len, mlp)) == round((budget - 6 * 3072) / 192) and all(r == list(range(len(r))) for r in mlp)
+
+
+def test_flap_picks_joint_scope_and_its_allocation_is_adaptive(calib_ids):
+    _, report = prune(tiny_model(), method="flap", ratio=0.3, calib=calib_ids)
+    assert report.scope == "joint" and abs(report.achieved_ratio - 0.3) < 0.01
+    _, layered = prune(tiny_model(), method="flap", ratio=0.3, calib=calib_ids, scope="layer")
+    assert layered.scope == "layer"

@@ -24,12 +24,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2, wanda_sp")
+    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2, wanda_sp, flap")
     p.add_argument("--ratio", type=float, required=True, help="fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--calib", default="wikitext2", help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--scope", default="layer", help="layer: same ratio in every layer; global: one ranking across layers")
+    p.add_argument("--scope", default=None, help="layer: same ratio in every layer; global: one ranking per kind across layers; "
+                   "joint: one ranking of every group (default: joint for flap, layer for the others)")
     p.add_argument("--target", default="both", help="attention, mlp or both")
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
     p.add_argument("--min-keep", type=int, default=1, help="groups every layer keeps (MLP may go to 0; attention keeps 1)")

@@ -5,8 +5,9 @@ Statistics come from the causal-LM loss on calibration samples:
   fisher = mean over samples of the squared per-sample gradient, the diagonal of the empirical Fisher, which
            stands in for the Hessian diagonal in the second-order Taylor term (what `element2` uses).
 and from a forward pass alone:
-  input_sq = sum over calibration tokens of the squared input of every input-column projection (o_proj,
-           down_proj), per input feature: the squared activation norms Wanda-sp weighs weights by.
+  inputs = per input feature of every input-column projection (o_proj, down_proj), the count, sum and sum of
+           squares of its value over calibration tokens: the activation norms Wanda-sp weighs weights by, and
+           the mean and variance FLAP scores (variance) and compensates (mean) with.
 A criterion declares which of them it needs, so magnitude criteria never run a backward pass, activation
 criteria never run one either, and only the second-order ones pay for per-sample backward passes.
 """
@@ -24,12 +25,38 @@ from .grouping import LayerGroups
 
 
 @dataclass
+class InputMoments:
+    """Running moments of a Linear's input features over calibration tokens, in float64 so that the variance of
+    features with a large mean survives the subtraction."""
+
+    count: int = 0
+    total: torch.Tensor | float = 0.0
+    squares: torch.Tensor | float = 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.count += len(x)
+        self.total = self.total + x.sum(0)
+        self.squares = self.squares + x.square().sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance per feature."""
+        return (self.squares - self.total.square() / self.count).clamp_min(0) / max(self.count - 1, 1)
+
+
+@dataclass
 class Stats:
-    """Per-parameter calibration statistics keyed by full parameter name (float32, on the parameter's device)."""
+    """Calibration statistics: gradients keyed by full parameter name (float32, on the parameter's device),
+    input moments keyed by module name."""
 
     grad: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # keyed by module name, [in_features]
+    inputs: dict[str, InputMoments] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -45,7 +72,9 @@ class Scores:
 class Criterion:
     """`score(sets, stats, options)` scores every LayerGroups at once, so a criterion may normalise across layers.
     `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused, and `check`
-    validates their values before any model is loaded."""
+    validates their values before any model is loaded. `scope` is the allocation the method is defined with
+    (the default when none is asked for); `compensates` asks removal to fold the calibration mean of every removed
+    input column into the output bias (FLAP's bias compensation)."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
@@ -53,6 +82,8 @@ class Criterion:
     needs_inputs: bool = False
     options: tuple[str, ...] = ()
     check: Callable[[dict], object] | None = None
+    scope: str = "layer"
+    compensates: bool = False
 
     @property
     def needs_data(self) -> bool:
@@ -105,17 +136,11 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     return stats
 
 
-def collect_input_sq(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Sum over all calibration tokens of each named Linear's squared input, per input feature (no backward pass)."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.square().sum(0)
-        return record
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in module_names]
+def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, InputMoments]:
+    """Moments of each named Linear's input features over all calibration tokens (forward passes only)."""
+    moments = {name: InputMoments() for name in module_names}
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
+               for name in module_names]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -127,7 +152,7 @@ def collect_input_sq(model: nn.Module, samples: torch.Tensor, module_names: set[
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return sums
+    return moments
 
 
 def _random(groups: LayerGroups, stats: Stats) -> torch.Tensor:
@@ -166,9 +191,33 @@ def _wanda_sp(groups: LayerGroups, stats: Stats) -> torch.Tensor:
     def per_weight(slot):
         if slot.dim != 1:
             return torch.zeros_like(slot.param, dtype=torch.float32)
-        norm = stats.input_sq[slot.name.rsplit(".", 1)[0]].sqrt()
+        norm = stats.inputs[slot.name.rsplit(".", 1)[0]].squares.sqrt().float()
         return slot.param.detach().float().abs() * norm
     return groups.sum(per_weight)
+
+
+def _column_fluctuation(groups: LayerGroups, stats: Stats) -> torch.Tensor:
+    """FLAP's weighted input feature variance of every input column of the group's output projection,
+    Var(X_j) * ||W_:,j||^2, as [count, columns per group]."""
+    name, (module, _, size) = next((name, member) for name, member in groups.modules.items() if member[1] == 1)
+    column_norms = module.weight.detach().double().square().sum(0)
+    return (stats.inputs[name].variance.to(column_norms.device) * column_norms).float().cpu().reshape(groups.count, size)
+
+
+def _flap(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
+    """FLAP (An et al., AAAI 2024): a structure matters as much as its output fluctuates over calibration tokens,
+    since a steady output is replaced by its mean through the bias. Column fluctuations are standardised over all
+    layers per kind (attention, MLP), so that the two kinds can share one ranking, and a group scores the mean of
+    its standardised columns (an attention group: the n_rep * head_dim columns of one KV head's query heads)."""
+    columns = [_column_fluctuation(s, stats) for s in sets]
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(sets)
+    for kind in dict.fromkeys(s.kind for s in sets):
+        members = [i for i, s in enumerate(sets) if s.kind == kind]
+        pooled = torch.cat([columns[i].flatten() for i in members])
+        mean, std = pooled.mean(), pooled.std() if len(pooled) > 1 else torch.tensor(0.0)
+        for i in members:
+            scores[i] = ((columns[i] - mean) / (std if std > 0 else 1)).mean(1)
+    return Scores(scores)
 
 
 CRITERIA: dict[str, Criterion] = {
@@ -179,6 +228,7 @@ CRITERIA: dict[str, Criterion] = {
     "element2": Criterion(per_layer(_element2), needs_grad=True, needs_fisher=True),
     "vector": Criterion(per_layer(_vector), needs_grad=True),
     "wanda_sp": Criterion(per_layer(_wanda_sp), needs_inputs=True),
+    "flap": Criterion(_flap, needs_inputs=True, scope="joint", compensates=True),
 }
 
 

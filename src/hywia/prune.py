@@ -5,7 +5,9 @@ remove. Attention groups are coarse (one KV head with its query heads: hundreds 
 and MLP channels fine, so a ratio cannot be met by removing the same fraction of each: the coarser kind
 removes round(ratio * count) groups and the finer kind takes whatever parameter budget is left, which lands the
 achieved ratio within one MLP channel of the request. `scope="layer"` does this per layer (LLM-Pruner's
-block-wise default); `scope="global"` ranks each kind across all selected layers.
+block-wise default); `scope="global"` ranks each kind across all selected layers; `scope="joint"` ranks every
+group of every kind and layer in one list, each costing its own parameters (FLAP's adaptive structure: how much
+attention and how much MLP goes is then the scores' decision, so they must share one scale).
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from torch import nn
 from .data import calibration_samples
 from .errors import HywiaError
 from .grouping import LayerGroups, find_groups
-from .importance import Criterion, Scores, Stats, collect_input_sq, collect_stats, get_criterion
+from .importance import Criterion, Scores, Stats, collect_inputs, collect_stats, get_criterion
 
 # transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
 MIN_KEEP_FLOOR = {"attention": 1, "mlp": 0}
+SCOPES = ("layer", "global", "joint")
 
 
 @dataclass
@@ -71,14 +74,14 @@ def _lowest(candidates: list[tuple[float, int, int]], n: int, left: list[int], f
 def _check_ratio_and_scope(ratio: float, scope: str) -> None:
     if not 0 < ratio < 1:
         raise HywiaError(f"--ratio {ratio} is out of range: give the fraction of prunable parameters to remove, 0 < ratio < 1")
-    if scope not in ("layer", "global"):
-        raise HywiaError(f"unknown scope '{scope}': use layer or global")
+    if scope not in SCOPES:
+        raise HywiaError(f"unknown scope '{scope}': use {', '.join(SCOPES)}")
 
 
-def check_options(method: str, ratio: float, scope: str, target: str, method_options: dict | None = None) -> None:
+def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
-    get_criterion(method, method_options)
-    _check_ratio_and_scope(ratio, scope)
+    criterion = get_criterion(method, method_options)
+    _check_ratio_and_scope(ratio, scope or criterion.scope)
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
 
@@ -90,6 +93,8 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
     floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
     left = [s.count for s in sets]
     removed: list[list[int]] = [[] for _ in sets]
+    if scope == "joint":
+        return _allocate_joint(sets, scores, ratio, floors, left)
     # a scope is a bundle of sets that share one parameter budget: one layer, or all layers at once
     bundles = [[i for i, s in enumerate(sets) if s.layer == layer] for layer in dict.fromkeys(s.layer for s in sets)]
     if scope == "global":
@@ -120,6 +125,25 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
     return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
 
 
+def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, floors: list[int],
+                    left: list[int]) -> list[torch.Tensor]:
+    """One ranking over every group: take the lowest-scored groups while they fit in the parameter budget (a group
+    that would overshoot it by more than half the smallest group is passed over for cheaper ones further up)."""
+    budget = ratio * sum(s.count * s.params_per_group for s in sets)
+    slack = min(s.params_per_group for s in sets) / 2
+    removed: list[list[int]] = [[] for _ in sets]
+    taken = 0
+    for _, i, g in sorted((value, i, g) for i, t in enumerate(scores) for g, value in enumerate(t.tolist())):
+        cost = sets[i].params_per_group
+        if taken + cost <= budget + slack and left[i] > floors[i]:
+            removed[i].append(g)
+            left[i] -= 1
+            taken += cost
+    if not any(removed):
+        raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
+    return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
+
+
 def _kept(count: int, removed: torch.Tensor) -> list[int]:
     gone = set(removed.tolist())
     return [g for g in range(count) if g not in gone]
@@ -129,28 +153,47 @@ def _group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size)).flatten()
 
 
-def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor) -> nn.Linear:
+def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor, bias_shift: torch.Tensor | None = None) -> nn.Linear:
+    """A Linear holding the kept rows (dim 0) or columns (dim 1); `bias_shift` is added to its bias (created if absent)."""
     weight = module.weight.data.index_select(dim, rows.to(module.weight.device))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    has_bias = module.bias is not None or bias_shift is not None
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
-    if module.bias is not None:
-        new.bias.data.copy_(module.bias.data[rows.to(weight.device)] if dim == 0 else module.bias.data)
+    if has_bias:
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        if module.bias is not None:
+            bias += module.bias.data[rows.to(weight.device)] if dim == 0 else module.bias.data
+        if bias_shift is not None:
+            bias += bias_shift.to(bias.device)
+        new.bias.data.copy_(bias)
     new.weight.requires_grad_(module.weight.requires_grad)
     return new
 
 
-def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor]) -> None:
-    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices."""
+def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor],
+                  input_means: dict[str, torch.Tensor] | None = None) -> None:
+    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices.
+
+    With `input_means` (module name -> mean input per feature), each removed input column j of an output
+    projection leaves W[:, j] * mean_j in the bias, so the layer's output moves by the removed columns'
+    fluctuation only (FLAP's bias compensation). Such added biases are recorded as a third `True` in the module's
+    entry of `hywia_pruned_shapes`, which is how a reload knows to build them."""
     shapes = dict(getattr(model.config, "hywia_pruned_shapes", None) or {})
     for s, gone in zip(sets, removed):
         if len(gone) == 0:
             continue
         keep = torch.tensor(_kept(s.count, gone), dtype=torch.long)
         for name, (module, dim, size) in s.modules.items():
-            new = _shrunk(module, dim, _group_rows(keep, size))
+            shift = None
+            if input_means is not None and dim == 1 and name in input_means:
+                columns = _group_rows(gone, size).to(module.weight.device)
+                mean = input_means[name].to(module.weight.device)[columns]
+                shift = module.weight.data[:, columns].double() @ mean
+            new = _shrunk(module, dim, _group_rows(keep, size), shift)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-            shapes[name] = [new.out_features, new.in_features]
+            added_bias = shift is not None or len(shapes.get(name, ())) > 2
+            shapes[name] = [new.out_features, new.in_features] + ([True] if added_bias else [])
     record_widths(model, shapes)
 
 
@@ -176,7 +219,9 @@ def record_widths(model: nn.Module, shapes: dict[str, list[int]]) -> None:
         config.head_dim = config.hidden_size // config.num_attention_heads  # pin it before head counts change
     widths = layer_widths(model)
     config.hywia_layer_widths = [{k: v for k, v in w.items() if k != "layer"} for w in widths]
-    if all(w == config.hywia_layer_widths[0] for w in config.hywia_layer_widths) and _stock_config_accepts(config, config.hywia_layer_widths[0]):
+    uniform = all(w == config.hywia_layer_widths[0] for w in config.hywia_layer_widths)
+    added_bias = any(len(shape) > 2 for shape in shapes.values())  # a stock config cannot ask for a bias on one projection
+    if uniform and not added_bias and _stock_config_accepts(config, config.hywia_layer_widths[0]):
         for key, value in config.hywia_layer_widths[0].items():
             setattr(config, key, value)
         config.hywia_pruned_shapes = None
@@ -201,16 +246,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
-                 seed: int, batch_size: int, options: dict | None = None) -> Scores:
-    """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
+def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
+                      seed: int, batch_size: int) -> Stats:
+    """The statistics `criterion` needs, and only those: no backward pass for a criterion that needs none."""
     stats = Stats(seed=seed)
     if criterion.needs_grad or criterion.needs_fisher:
         names = {slot.name for s in sets for slot in s.slots}
         stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher, batch_size=batch_size, seed=seed)
-    if criterion.needs_inputs:
+    if criterion.needs_inputs or criterion.compensates:
         readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
-        stats.input_sq = collect_input_sq(model, samples, readers, batch_size)
+        stats.inputs = collect_inputs(model, samples, readers, batch_size)
+    return stats
+
+
+def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
+                 seed: int, batch_size: int, options: dict | None = None) -> Scores:
+    """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
+    stats = calibration_stats(model, sets, criterion, samples, seed, batch_size)
     with torch.no_grad():
         return criterion.score(sets, stats, options or {})
 
@@ -251,13 +303,14 @@ def _calibration(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_
 
 
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
-          calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str = "layer",
+          calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
-    `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`.
+    `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`
+    (default: the method's own, `joint` for flap and `layer` for the others).
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
@@ -265,20 +318,24 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     method_options = {k: v for k, v in method_options.items() if v is not None}
     check_options(method, ratio, scope, target, method_options)
     criterion = get_criterion(method, method_options)
+    scope = scope or criterion.scope
     sets = find_groups(model, target, layers)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
     ids, calib_record = None, {"samples": 0}
     if criterion.needs_data:
         ids, calib_record = _calibration(model, tokenizer, calib, samples, seq_len, seed, data_dir)
-    scores = score_groups(model, sets, criterion, ids, seed, batch_size, method_options)
+    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size)
+    with torch.no_grad():
+        scores = criterion.score(sets, stats, method_options)
     removed = allocate(sets, scores.per_set, ratio, scope, min_keep)
     extra: dict = {"options": method_options}
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     kept = {f"{s.layer}.{s.kind}": _kept(s.count, r) for s, r in zip(sets, removed)}
-    remove_groups(model, sets, removed)
+    means = {name: moments.mean for name, moments in stats.inputs.items()} if criterion.compensates else None
+    remove_groups(model, sets, removed, means)
     after_sets = find_groups(model, target, layers)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)
     per_layer = [{"layer": s.layer, "kind": s.kind, "groups": s.count, "params_before": before_layer[(s.layer, s.kind)],

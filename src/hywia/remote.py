@@ -13,12 +13,14 @@ from torch import nn
 
 
 def apply_pruned_shapes(model: nn.Module, shapes: dict) -> None:
-    """Replace each named Linear with an uninitialised one of shape [out, in] (weights are loaded afterwards)."""
-    for name, (out_features, in_features) in shapes.items():
+    """Replace each named Linear with an uninitialised one of shape [out, in] (weights are loaded afterwards).
+    An entry [out, in, true] also gives it a bias the stock layer lacks (one that pruning folded removed inputs into)."""
+    for name, (out_features, in_features, *added_bias) in shapes.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        new = nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        bias = old.bias is not None or bool(added_bias and added_bias[0])
+        new = nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
         setattr(parent, child, new)
 
 
