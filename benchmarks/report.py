@@ -54,7 +54,8 @@ def quality_table(records: list[dict], samples: int | None) -> str:
 
 PAIRS = tuple((a + suffix, b + (suffix if b != "element2" else "")) for suffix in ("", ", mean-normalised")
               for a, b in (("hywia", "element2"), ("hywia", "hywia, fixed α=0.5"), ("hywia, fixed α=0.5", "element2")))
-PAIRS += (("hywia", "hywia, mean-normalised"),)
+PAIRS += (("hywia", "hywia, mean-normalised"), ("flap, --scope layer", "element2"), ("hywia", "flap, --scope layer"),
+          ("flap", "flap, --scope layer"))
 
 
 def paired_table(records: list[dict]) -> str:
