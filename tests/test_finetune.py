@@ -54,8 +54,9 @@ def test_resume_refuses_other_settings(alpaca_file, tokenizer, tmp_path):
         finetune(tiny_model(), tokenizer, str(alpaca_file), other, tmp_path / "c", resume=True)
 
 
-def test_merged_model_reloads_in_fresh_process(alpaca_file, tokenizer, tmp_path):
-    base, _ = prune(tiny_model(), method="l2", ratio=0.3, scope="global")
+@pytest.mark.parametrize("method, scope", [("l2", "global"), ("flap", "joint")])  # flap: o_proj/down_proj gained biases
+def test_merged_model_reloads_in_fresh_process(method, scope, alpaca_file, tokenizer, tmp_path, calib_ids):
+    base, _ = prune(tiny_model(), method=method, ratio=0.3, scope=scope, calib=calib_ids)
     peft_model, _ = finetune(base, tokenizer, str(alpaca_file), FinetuneSettings(**{**SETTINGS.__dict__, "max_steps": 2}))
     with torch.no_grad():
         adapted = peft_model(input_ids=IDS).logits
