@@ -32,7 +32,6 @@ def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: tor
     """The dense model in which every removed input of o_proj / down_proj (a removed head's output, a removed
     channel's activation) is replaced by its mean over the calibration tokens: what bias compensation promises."""
     ref = copy.deepcopy(dense)
-    readers = {s.layer: [(name, s) for name, (_, dim, _) in s.modules.items() if dim == 1] for s in find_groups(ref, "both")}
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [ref.get_submodule(name).register_forward_pre_hook(
         lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))

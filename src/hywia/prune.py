@@ -91,10 +91,10 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
     """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters."""
     _check_ratio_and_scope(ratio, scope)
     floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
+    if scope == "joint":
+        return _allocate_joint(sets, scores, ratio, floors)
     left = [s.count for s in sets]
     removed: list[list[int]] = [[] for _ in sets]
-    if scope == "joint":
-        return _allocate_joint(sets, scores, ratio, floors, left)
     # a scope is a bundle of sets that share one parameter budget: one layer, or all layers at once
     bundles = [[i for i, s in enumerate(sets) if s.layer == layer] for layer in dict.fromkeys(s.layer for s in sets)]
     if scope == "global":
@@ -120,17 +120,21 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
             for i, g in picked:
                 removed[i].append(g)
             budget -= len(picked) * per_group
+    return _as_tensors(removed, ratio)
+
+
+def _as_tensors(removed: list[list[int]], ratio: float) -> list[torch.Tensor]:
     if not any(removed):
         raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
     return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
 
 
-def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, floors: list[int],
-                    left: list[int]) -> list[torch.Tensor]:
+def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, floors: list[int]) -> list[torch.Tensor]:
     """One ranking over every group: take the lowest-scored groups while they fit in the parameter budget (a group
     that would overshoot it by more than half the smallest group is passed over for cheaper ones further up)."""
     budget = ratio * sum(s.count * s.params_per_group for s in sets)
     slack = min(s.params_per_group for s in sets) / 2
+    left = [s.count for s in sets]
     removed: list[list[int]] = [[] for _ in sets]
     taken = 0
     for _, i, g in sorted((value, i, g) for i, t in enumerate(scores) for g, value in enumerate(t.tolist())):
@@ -139,9 +143,7 @@ def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: 
             removed[i].append(g)
             left[i] -= 1
             taken += cost
-    if not any(removed):
-        raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
-    return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
+    return _as_tensors(removed, ratio)
 
 
 def _kept(count: int, removed: torch.Tensor) -> list[int]:
