@@ -83,7 +83,46 @@ def cost_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TASK_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaS."), ("winogrande", "WinoG."), ("arc_easy", "ARC-e"),
+                ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"))
+
+
+def table1(records: list[dict]) -> str:
+    """The paper's Table 1 layout: ppl (llm-pruner protocol) then the seven accuracies (%) and their average."""
+    head = "| model | ratio | params | WikiText-2 | PTB | " + " | ".join(n for _, n in TASK_COLUMNS) + " | average |"
+    lines = [head, "|" + "---|" * (6 + len(TASK_COLUMNS))]
+    for r in sorted(records, key=lambda r: (r["ratio"], r["recovered"], -r["average"])):
+        accs = " | ".join(f"{100 * r['zeroshot'][t]['score']:.1f}" for t, _ in TASK_COLUMNS)
+        ppl = r["ppl_128"]
+        lines.append(f"| {r['name']} | {r['ratio']:.0%} | {r['params']:,} | {ppl['wikitext2']['ppl']:.2f} | {ppl['ptb']['ppl']:.2f} | "
+                     f"{accs} | {100 * r['average']:.2f} |")
+    return "\n".join(lines)
+
+
+def table1_long(records: list[dict]) -> str:
+    """Both perplexity protocols side by side, with the recovery cost of recovered rows."""
+    lines = ["| model | WikiText-2 (128) | PTB (128) | WikiText-2 (2048) | PTB (2048) | recovery | eval s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["ratio"], r["recovered"], -r["average"])):
+        a, b = r["ppl_128"], r["ppl_2048"]
+        tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} records, {r['finetune_seconds'] / 60:.0f} min; "
+                f"guard loss {r['guard']['before']:.3f} → {r['guard']['after']:.3f}") if r["recovered"] else "-"
+        lines.append(f"| {r['name']} | {a['wikitext2']['ppl']:.2f} | {a['ptb']['ppl']:.2f} | {b['wikitext2']['ppl']:.2f} | "
+                     f"{b['ptb']['ppl']:.2f} | {tune} | {r['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    rows = load("table1.jsonl")
+    if rows:
+        print("## Table 1 (SmolLM2-135M)\n")
+        print(table1(rows))
+        print("\n## Table 1, both perplexity protocols\n")
+        print(table1_long(rows))
+    speed = load("speed.jsonl")
+    if speed:
+        from hywia.speed import markdown
+        print("\n## Speed\n")
+        print(markdown(speed[-10:]))  # the latest run: five models at batch 1 and 8
     quality = load("smollm2.jsonl")
     print("## Baselines, 10 calibration samples\n")
     print(quality_table([r for r in quality if r["row"]["method"] != "hywia"], 10))

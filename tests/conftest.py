@@ -48,6 +48,15 @@ def byte_tokenizer():
     return fast
 
 
+def bos_tokenizer():
+    """The byte tokenizer, but putting BOS in front of every encoded text, as Gemma's and LLaMA's tokenizers do."""
+    from tokenizers import processors
+    fast = byte_tokenizer()
+    bos = fast.bos_token_id
+    fast._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return fast
+
+
 @pytest.fixture
 def tiny():
     return tiny_model("llama")
@@ -65,12 +74,15 @@ def calib_ids():
 
 @pytest.fixture
 def text_dir(tmp_path):
-    """A data dir laid out like ../shared/data with a few KB of text, for CLI and data tests."""
+    """A data dir laid out like ../shared/data with a few KB of text, for CLI and data tests. WikiText files follow
+    the release layout: a blank HF row is the line " ", every other row " " + text + " \n"."""
     words = ("the model prunes heads and channels while perplexity measures what was lost in the process " * 40).split()
-    for sub, name in (("wikitext2", "wiki.valid.tokens"), ("wikitext2", "wiki.test.tokens"), ("ptb", "ptb.test.txt")):
+    lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+    wiki = "".join(" \n" if i % 4 == 0 else f" {line} \n" for i, line in enumerate(lines))
+    for sub, name in (("wikitext2", "wiki.valid.raw"), ("wikitext2", "wiki.test.raw"), ("wikitext2", "wiki.valid.tokens"),
+                      ("wikitext2", "wiki.test.tokens"), ("ptb", "ptb.test.txt"), ("ptb", "ptb.valid.txt")):
         (tmp_path / sub).mkdir(exist_ok=True)
-        lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
-        (tmp_path / sub / name).write_text("\n".join(lines) + "\n")
+        (tmp_path / sub / name).write_text(wiki if sub == "wikitext2" else "\n".join(f" {l}" for l in lines) + "\n")
     return tmp_path
 
 

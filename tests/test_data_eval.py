@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import bos_tokenizer, real_data_dir, tiny_model
 from hywia import HywiaError, perplexity
-from hywia.data import calibration_samples, load_text, random_windows, tokenize
+from hywia.data import bos_id, calibration_samples, consecutive_windows, load_text, random_windows, tokenize
 
 
 def test_perplexity_matches_an_independent_computation(tokenizer, text_dir):
@@ -36,7 +36,7 @@ def test_joins_follow_the_literature(text_dir):
 def test_offline_calibration_falls_back_to_validation_and_says_so(tokenizer, text_dir):
     ids, record = calibration_samples(tiny_model(), tokenizer, "wikitext2", 4, 16, seed=0, data_dir_path=text_dir)
     assert ids.shape == (4, 16)
-    assert record["split"] == "validation" and record["source"].endswith("wiki.valid.tokens")
+    assert record["split"] == "validation" and record["source"].endswith("wiki.valid.raw")
 
 
 def test_random_windows_are_seeded():
@@ -47,7 +47,7 @@ def test_random_windows_are_seeded():
 
 
 def test_missing_split_in_data_dir_names_the_file(tmp_path, tokenizer):
-    with pytest.raises(HywiaError, match="wiki.test.tokens"):
+    with pytest.raises(HywiaError, match="wiki.test.raw"):
         perplexity(tiny_model(), tokenizer, "wikitext2", data_dir=tmp_path)
 
 
@@ -89,3 +89,68 @@ def test_malformed_jsonl_is_a_one_line_error(tmp_path, tokenizer):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(HywiaError, match="not valid JSON"):
         load_text(str(tmp_path / "bad.jsonl"), "train")
+
+
+def test_wikitext_raw_rows_join_like_the_hf_text_column(text_dir):
+    """A release line " " is an empty HF row; other lines are rows as they are, so the text is "\n\n".join(rows)."""
+    lines = (text_dir / "wikitext2" / "wiki.test.raw").read_text().split("\n")[:-1]
+    rows = ["" if not l.strip() else l + "\n" for l in lines]
+    assert load_text("wikitext2", "test", text_dir).text == "\n\n".join(rows)
+    assert load_text("wikitext2-tokens", "test", text_dir).source.endswith("wiki.test.tokens")
+
+
+def test_real_wikitext2_raw_test_split_has_the_published_length():
+    data = real_data_dir()
+    if data is None or not (data / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip("needs ../shared/data (or HYWIA_DATA_DIR) with wikitext2/wiki.test.raw")
+    assert len(load_text("wikitext2", "test", data).text) == 1_294_336  # = len("\n\n".join(HF test["text"]))
+
+
+def test_bos_starts_every_window_when_the_tokenizer_adds_it(text_dir):
+    plain, with_bos = bos_tokenizer(), bos_tokenizer()
+    plain._tokenizer.post_processor = None
+    assert bos_id(plain) is None and bos_id(with_bos) == with_bos.bos_token_id
+    ids = tokenize(with_bos, load_text("ptb", "test", text_dir).text)
+    assert with_bos.bos_token_id not in ids.tolist()  # the text itself carries no special token
+    windows = consecutive_windows(ids, 16, with_bos.bos_token_id)
+    assert windows.shape[1] == 16 and (windows[:, 0] == with_bos.bos_token_id).all()
+    assert torch.equal(windows[:, 1:].flatten(), ids[: len(windows) * 15])  # 15 text tokens each, in order
+    calib, record = calibration_samples(tiny_model(), with_bos, "wikitext2", 3, 16, seed=0, data_dir_path=text_dir)
+    assert (calib[:, 0] == with_bos.bos_token_id).all() and record["bos"] is True
+
+
+def test_perplexity_with_bos_matches_an_independent_computation(text_dir):
+    tok, model = bos_tokenizer(), tiny_model()
+    result = perplexity(model, tok, "ptb", seq_len=24, max_windows=4, data_dir=text_dir)
+    ids = tok(load_text("ptb", "test", text_dir).text)["input_ids"][1:]  # the text without its one leading BOS
+    windows = [[tok.bos_token_id] + ids[i * 23:(i + 1) * 23] for i in range(4)]
+    losses = [model(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss.item() for w in windows]
+    assert result.bos and result.tokens == 4 * 23
+    assert result.ppl == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)
+
+
+def test_protocols_set_the_window_and_are_reported(tokenizer, text_dir):
+    model = tiny_model()  # a 256-token context: the sparsegpt protocol falls back to it
+    short = perplexity(model, tokenizer, "ptb", data_dir=text_dir, max_windows=2)
+    long = perplexity(model, tokenizer, "ptb", data_dir=text_dir, protocol="sparsegpt", max_windows=2)
+    custom = perplexity(model, tokenizer, "ptb", seq_len=40, data_dir=text_dir, max_windows=2)
+    assert (short.seq_len, short.protocol) == (128, "llm-pruner")
+    assert (long.seq_len, long.protocol) == (256, "sparsegpt")
+    assert (custom.seq_len, custom.protocol) == (40, "custom")
+    assert "first 2 windows of 256 tokens" in long.describe() and "sparsegpt" in long.describe()
+    with pytest.raises(HywiaError, match="unknown protocol"):
+        perplexity(model, tokenizer, "ptb", data_dir=text_dir, protocol="wanda")
+
+
+def test_calibrating_on_an_evaluation_split_warns(tokenizer, text_dir):
+    with pytest.warns(UserWarning, match="evaluation \\(test\\) split"):
+        calibration_samples(tiny_model(), tokenizer, str(text_dir / "wikitext2" / "wiki.test.raw"), 2, 16, 0, text_dir)
+
+
+def test_bos_can_be_forced_either_way(text_dir):
+    tok, model = bos_tokenizer(), tiny_model()
+    auto = perplexity(model, tok, "ptb", seq_len=24, max_windows=3, data_dir=text_dir)
+    off = perplexity(model, tok, "ptb", seq_len=24, max_windows=3, data_dir=text_dir, bos="no")
+    assert auto.bos and not off.bos and auto.ppl != off.ppl
+    with pytest.raises(HywiaError, match="unknown --bos"):
+        perplexity(model, tok, "ptb", data_dir=text_dir, bos="maybe")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -106,3 +107,33 @@ def test_cli_killed_run_resumes_to_the_same_model(alpaca_file, tokenizer, tmp_pa
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "killed" / "adapter" / "adapter_config.json").exists()
+
+
+def _cli_finetune(model_dir, alpaca_file, out, *extra):
+    return subprocess.run([sys.executable, "-m", "hywia.cli", "finetune", "--model", str(model_dir), "--data", str(alpaca_file),
+                           "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "6", "--warmup-steps", "1",
+                           "--cutoff-len", "64", "--out", str(out), "--json", *extra], capture_output=True, text=True)
+
+
+def test_bfloat16_recovery_merges_into_the_stored_float32_and_lowers_the_loss(alpaca_file, tokenizer, tmp_path):
+    model_dir = save_model(prune(tiny_model(), method="l2", ratio=0.3)[0], tokenizer, tmp_path / "base", {})
+    done = _cli_finetune(model_dir, alpaca_file, tmp_path / "tuned", "--dtype", "bfloat16", "--lr", "3e-3", "--max-records", "16")
+    assert done.returncode == 0, done.stderr[-1500:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["compute_dtype"] == "bfloat16" and result["data"]["records"] == 16
+    assert result["guard"]["after"] < result["guard"]["before"]
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "tuned" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # merged at the checkpoint's dtype, not bf16
+    assert (tmp_path / "tuned" / "loss.png").stat().st_size > 1000
+
+
+def test_float16_trains_in_bfloat16_and_a_diverging_run_saves_nothing(alpaca_file, tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="bfloat16 instead"):
+        _, report = finetune(tiny_model().half(), tokenizer, str(alpaca_file), FinetuneSettings(**{**SETTINGS.__dict__, "max_steps": 2}))
+    assert report.compute_dtype == "bfloat16" and all(math.isfinite(l) for l in report.losses)
+    model_dir = save_model(tiny_model(), tokenizer, tmp_path / "base", {})
+    done = _cli_finetune(model_dir, alpaca_file, tmp_path / "tuned", "--lr", "50")
+    assert done.returncode == 2 and not (tmp_path / "tuned").exists()
+    errors = [l for l in done.stderr.splitlines() if l.startswith("hywia: error:")]
+    assert len(errors) == 1 and ("worse" in errors[0] or "loss became" in errors[0]) and "Traceback" not in done.stderr

@@ -244,3 +244,23 @@ def test_flap_picks_joint_scope_and_its_allocation_is_adaptive(calib_ids):
     assert report.scope == "joint" and abs(report.achieved_ratio - 0.3) < 0.01
     _, layered = prune(tiny_model(), method="flap", ratio=0.3, calib=calib_ids, scope="layer")
     assert layered.scope == "layer"
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_round_to_keeps_a_multiple_of_mlp_channels_and_the_best_of_them(multiple, calib_ids):
+    dense = tiny_model("llama")
+    plain, plain_report = prune(copy.deepcopy(dense), method="element2", ratio=0.3, calib=calib_ids)
+    rounded, report = prune(copy.deepcopy(dense), method="element2", ratio=0.3, calib=calib_ids, round_to=multiple)
+    for layer in range(3):
+        kept, before = report.kept[f"{layer}.mlp"], plain_report.kept[f"{layer}.mlp"]
+        assert len(kept) % multiple == 0 and abs(len(kept) - len(before)) <= multiple / 2
+        assert set(kept) <= set(before) or set(before) <= set(kept)  # rounding moves along the same ranking
+        assert report.kept[f"{layer}.attention"] == plain_report.kept[f"{layer}.attention"]
+        assert rounded.model.layers[layer].mlp.down_proj.in_features == len(kept)
+    assert report.extra["round_to"] == multiple
+    assert (logits(rounded) - logits(masked_reference(dense, report.kept))).abs().max().item() < 1e-4
+
+
+def test_round_to_must_be_positive(calib_ids):
+    with pytest.raises(HywiaError, match="--round-to 0"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, round_to=0)

@@ -26,6 +26,24 @@ ARC = [_mc(0, "Which is a source of light?", ["the sun", "a rock", "a chair", "s
        _mc(2, "Which is a liquid?", ["ice", "wood", "water", "stone"], "C")]
 
 
+def write_mirror_files(root: Path) -> Path:
+    """The same items in the layouts of ../shared/data: SuperGLUE BoolQ val.jsonl with "true"/"false" labels and
+    "Title -- " passages, HellaSwag as 6-line text, WinoGrande without qID, ARC in arc_easy/ and arc_challenge/."""
+    z = root / "zeroshot"
+    boolq = [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "idx": i, "label": str(r["answer"]).lower()}
+             for i, r in enumerate(BOOLQ)]
+    files = {"boolq/val.jsonl": boolq, "piqa/valid.jsonl": PIQA, "winogrande/dev.jsonl": [{k: v for k, v in r.items() if k != "qID"} for r in WINOGRANDE],
+             "arc_easy/ARC-Easy-Test.jsonl": ARC, "arc_challenge/ARC-Challenge-Test.jsonl": ARC, "openbookqa/test.jsonl": ARC}
+    for rel, records in files.items():
+        (z / rel).parent.mkdir(parents=True, exist_ok=True)
+        (z / rel).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (z / "piqa/valid-labels.lst").write_text("\n".join(map(str, PIQA_LABELS)) + "\n")
+    (z / "hellaswag").mkdir(parents=True, exist_ok=True)
+    (z / "hellaswag/hellaswag_val_full.txt").write_text("".join(
+        f"{r['activity_label']}: {r['ctx']}\n{r['label']}\n" + "".join(e + "\n" for e in r["endings"]) for r in HELLASWAG))
+    return root
+
+
 def write_release_files(root: Path) -> Path:
     """DATA_DIR/zeroshot/<task>/<release file> for all seven tasks; returns DATA_DIR."""
     z = root / "zeroshot"

@@ -35,8 +35,10 @@ class Row:
 
 def _hywia(*args: str) -> dict:
     done = subprocess.run([sys.executable, "-m", "hywia.cli", *args, "--json"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"hywia {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    if done.returncode != 0:  # name the error line, not the last progress bar
+        lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if l.strip() and "it/s]" not in l]
+        reason = next((l for l in reversed(lines) if l.startswith("hywia: error") or "Error" in l), lines[-1] if lines else "")
+        raise RuntimeError(f"hywia {' '.join(args)} failed (exit {done.returncode}): {reason}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

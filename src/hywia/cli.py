@@ -1,4 +1,5 @@
-"""`hywia prune` and `hywia eval ppl`: parse, call the API, print. Errors are one line, exit code 2."""
+"""`hywia prune`, `finetune`, `eval ppl|zeroshot` and `bench speed`: parse, call the API, print. Errors are one line,
+exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON result object instead of text")
 
 
+def _add_ppl_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default="llm-pruner", help="llm-pruner: 128-token windows (default); "
+                   "sparsegpt: 2048-token windows or the model's context when shorter")
+    p.add_argument("--seq-len", type=int, default=None, help="window length, overriding --protocol (reported as custom)")
+    p.add_argument("--bos", default="auto", help="auto: BOS first in every window if the tokenizer adds BOS (default); yes; no")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a fixed subset; default all)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
     p.add_argument("--min-keep", type=int, default=1, help="groups every layer keeps (MLP may go to 0; attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model) or fixed")
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
@@ -48,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="alpaca", help="alpaca, or a json/jsonl file of instruction/input/output records")
     for name, kind, default in (("rank", int, 8), ("lora-alpha", int, 16), ("lora-dropout", float, 0.05), ("lr", float, 1e-4),
                                 ("batch-size", int, 64), ("micro-batch-size", int, 4), ("epochs", int, 2),
-                                ("max-steps", int, None), ("warmup-steps", int, 100), ("cutoff-len", int, 256),
+                                ("max-steps", int, None), ("max-records", int, None), ("warmup-steps", int, 100), ("cutoff-len", int, 256),
                                 ("save-steps", int, 50), ("seed", int, 0)):
         f.add_argument(f"--{name}", type=kind, default=default)
     f.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints beside --out)")
@@ -56,22 +67,32 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.add_argument("--overwrite", action="store_true")
 
+    b = sub.add_parser("bench", help="measure models")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    sp = bsub.add_parser("speed", help="prefill/decode throughput, latency and peak memory, the first model as reference")
+    sp.add_argument("--model", required=True, nargs="+", help="models to compare, the dense one first")
+    sp.add_argument("--batch-sizes", default="1,8")
+    sp.add_argument("--prompt-len", type=int, default=128)
+    sp.add_argument("--new-tokens", type=int, default=64)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--json", action="store_true")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
     ppl = esub.add_parser("ppl", help="perplexity on the test split")
     _add_common(ppl)
-    ppl.add_argument("--data", default=["wikitext2"], nargs="+", help="wikitext2, ptb or text file paths (several allowed)")
-    ppl.add_argument("--seq-len", type=int, default=128)
-    ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a fixed subset)")
-    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--data", default=["wikitext2"], nargs="+",
+                     help="wikitext2 (raw), wikitext2-tokens, ptb, c4 or text file paths (several allowed)")
+    _add_ppl_protocol(ppl)
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy on the paper's seven tasks (lm-evaluation-harness)")
     _add_common(zs)
     zs.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
     zs.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task (a fixed subset)")
     zs.add_argument("--ppl", action="store_true", help="add WikiText-2 and PTB perplexity columns (Table 1 layout)")
-    zs.add_argument("--seq-len", type=int, default=128, help="perplexity window with --ppl")
-    zs.add_argument("--max-windows", type=int, default=None, help="perplexity windows with --ppl")
-    zs.add_argument("--batch-size", type=int, default=8)
+    zs.add_argument("--hellaswag-case", default="restore", help="restore (default) or as-file: see docs/recovery_and_zeroshot.md")
+    _add_ppl_protocol(zs)
     return parser
 
 
@@ -88,13 +109,15 @@ def _prune(args) -> dict:
     data_dir(args.data_dir)
     if args.samples < 1 or args.seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
+    if args.round_to < 1:
+        raise HywiaError(f"--round-to {args.round_to} must be at least 1")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     load_seconds = time.perf_counter() - t0
     model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=args.calib, samples=args.samples,
                           seq_len=args.seq_len, scope=args.scope, target=args.target, layers=args.layers,
                           min_keep=args.min_keep, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
-                          **method_options)
+                          round_to=args.round_to, **method_options)
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=lambda tmp: write_artifacts(tmp, report))
     return {**recipe, "out": str(args.out)}
@@ -106,8 +129,9 @@ def _finetune(args) -> dict:
     from dataclasses import fields
     from pathlib import Path
 
-    from .finetune import FinetuneSettings, finetune, merge
-    from .io import check_output, load_model, save_model
+    from .figures import plot_losses
+    from .finetune import FinetuneSettings, check_recovery, finetune, merge
+    from .io import check_output, load_model, save_model, stored_dtype
 
     out = check_output(args.out, args.overwrite)
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)
@@ -118,12 +142,19 @@ def _finetune(args) -> dict:
     source_recipe = Path(args.model) / "hywia.json"
     previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
     peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir)
+    stored = stored_dtype(args.model)
+    base = load_model(args.model, stored, args.device)[0] if stored and stored != report.compute_dtype else None
     with tempfile.TemporaryDirectory() as adapter_dir:
         peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
-        merged = merge(peft_model)
+        merged = merge(peft_model, base, settings)
+        check_recovery(merged, tokenizer, args.data, report, args.data_dir)
         recipe = {**previous, "model": args.model, "finetune": report.as_dict()}
-        save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite,
-                   extra=lambda tmp: shutil.copytree(adapter_dir, tmp / "adapter"))
+
+        def extra(tmp: Path) -> None:
+            shutil.copytree(adapter_dir, tmp / "adapter")
+            plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {args.model}: {report.data['records']} records, "
+                        f"{report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype})")
+        save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite, extra=extra)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its checkpoints are no longer needed
     return {"model": args.model, "out": str(out), **report.as_dict()}
 
@@ -134,38 +165,63 @@ def _eval(args) -> dict:
     from .prune import count_params
 
     if args.eval_command == "zeroshot":
-        from .zeroshot import TASKS, zeroshot
+        from .zeroshot import HELLASWAG_CASES, TASKS, zeroshot
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise HywiaError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
+        if args.hellaswag_case not in HELLASWAG_CASES:
+            raise HywiaError(f"unknown --hellaswag-case '{args.hellaswag_case}': use {' or '.join(HELLASWAG_CASES)}")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     result: dict = {"model": args.model, "params": count_params(model)}
     datasets = args.data if args.eval_command == "ppl" else (["wikitext2", "ptb"] if args.ppl else [])
     batch = args.batch_size
-    result["ppl"] = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, batch).as_dict()
-                     for name in datasets}
+    result["ppl"] = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, batch,
+                                      args.protocol, args.bos).as_dict() for name in datasets}
     if args.eval_command == "zeroshot":
-        result["zeroshot"] = zeroshot(model, tokenizer, tasks, args.limit, args.data_dir, batch)
+        result["zeroshot"] = zeroshot(model, tokenizer, tasks, args.limit, args.data_dir, batch, args.hellaswag_case)
         result["limit"] = args.limit
         result["average"] = sum(r["score"] for r in result["zeroshot"].values()) / len(result["zeroshot"])
     return result
 
 
+def _bench(args) -> dict:
+    from .speed import compare
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    if not batches or min(batches) < 1 or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
+        raise HywiaError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
+    return {"speed": compare(args.model, batches, args.dtype, args.device, args.prompt_len, args.new_tokens, args.repeats)}
+
+
 def _print_text(result: dict) -> None:
+    if "speed" in result:
+        from .speed import markdown
+        print(markdown(result["speed"]))
+        return
     if "steps" in result:
         print(f"fine-tuned {result['model']} for {result['steps']} steps (resumed from {result['resumed_from']}), "
-              f"last loss {result['losses'][-1]:.4f}, {result['seconds']:.0f}s; merged model saved to {result['out']}")
+              f"last loss {result['losses'][-1]:.4f}, {result['seconds']:.0f}s ({result['compute_dtype']} compute); "
+              f"loss on {result['guard']['records']} training records {result['guard']['before']:.4f} -> "
+              f"{result['guard']['after']:.4f}; merged model saved to {result['out']} (loss curve: loss.png)")
         return
     if "zeroshot" in result:
         head = [f"{n} ppl" for n in result["ppl"]] + [f"{n} ({r['metric']})" for n, r in result["zeroshot"].items()] + ["average"]
         cells = [f"{r['ppl']:.2f}" for r in result["ppl"].values()] + [f"{100 * r['score']:.2f}" for r in result["zeroshot"].values()]
         print("| model | params | " + " | ".join(head) + " |\n|" + "---|" * (len(head) + 2))
         print(f"| {result['model']} | {result['params']:,} | " + " | ".join(cells) + f" | {100 * result['average']:.2f} |")
+        from .evaluate import Perplexity
+        for r in result["ppl"].values():
+            print(Perplexity(**r).describe())
+        documents = ", ".join(f"{n} {r['documents']}" for n, r in result["zeroshot"].items())
+        print(f"zero-shot documents scored{' (--limit ' + str(result['limit']) + ')' if result['limit'] else ''}: {documents}")
         return
     if "ppl" in result:
-        for name, r in result["ppl"].items():
-            print(f"{name}: ppl {r['ppl']:.3f} over {r['windows']} windows of {r['seq_len']} tokens ({r['source']})")
+        from .evaluate import Perplexity
+        for r in result["ppl"].values():
+            print(Perplexity(**r).describe())
         print(f"params: {result['params']:,}")
         return
     print(f"pruned {result['model']} with {result['method']} at ratio {result['ratio']} ({result['scope']} scope): "
@@ -182,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            result = {"prune": _prune, "finetune": _finetune, "eval": _eval}[args.command](args)
+            result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench}[args.command](args)
     except HywiaError as e:
         print(f"hywia: error: {e}", file=sys.stderr)
         return 2

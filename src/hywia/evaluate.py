@@ -1,10 +1,16 @@
 """Perplexity with a stated protocol.
 
-The test split is joined into one text as in the literature (WikiText-2: rows joined by blank lines; PTB:
-sentences joined by spaces), tokenized once, and cut into non-overlapping windows of `seq_len` tokens; the
-last partial window is dropped. Each window is scored on its own (no context carried over), every token but
-the first is predicted, and ppl = exp(total NLL / predicted tokens). `max_windows` keeps the first N windows:
-a fixed, documented subset.
+The test split is joined into one text as in the literature (WikiText-2 raw: rows joined by blank lines; PTB:
+sentences joined by spaces), tokenized once without special tokens, and cut into non-overlapping windows; the
+last partial window is dropped. Each window is scored on its own (no context carried over) and ppl =
+exp(total NLL / predicted tokens). Two protocols are in use in the field and both are offered:
+
+- `llm-pruner`: 128-token windows (LLM-Pruner, FLAP, HyWIA tables);
+- `sparsegpt`: 2048-token windows, or the model's context when shorter (SparseGPT, Wanda, SliceGPT tables).
+
+A model whose tokenizer adds BOS gets it at the start of every window (see `hywia.data`); each window then holds
+`seq_len - 1` text tokens, all predicted. Without BOS every token but a window's first is predicted. Either way a
+window predicts `seq_len - 1` tokens. `max_windows` keeps the first N windows: a fixed, documented subset.
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_text, tokenize
+from .data import bos_id, consecutive_windows, load_text, tokenize
 from .errors import HywiaError
+
+PROTOCOLS = {"llm-pruner": 128, "sparsegpt": 2048}
+LOGITS_BUDGET = 2 ** 28  # logit values materialised at once (1 GiB in float32): bounds memory for 262k-token vocabularies
 
 
 @dataclass(frozen=True)
@@ -26,17 +35,40 @@ class Perplexity:
     tokens: int
     windows: int
     seq_len: int
+    protocol: str
+    bos: bool
+    max_windows: int | None
     data: str
     source: str
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        subset = f"first {self.windows} windows" if self.max_windows is not None else f"all {self.windows} windows"
+        return (f"{self.data}: ppl {self.ppl:.3f} ({self.protocol} protocol: {subset} of {self.seq_len} tokens"
+                f"{', BOS first' if self.bos else ''}; {self.source})")
+
+
+def resolve_seq_len(model, protocol: str | None, seq_len: int | None) -> tuple[int, str]:
+    """The window length and the protocol's name: an explicit `seq_len` wins and is reported as `custom`."""
+    if seq_len is not None:
+        if seq_len < 2:
+            raise HywiaError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens")
+        return seq_len, protocol if protocol and PROTOCOLS.get(protocol) == seq_len else "custom"
+    protocol = protocol or "llm-pruner"
+    if protocol not in PROTOCOLS:
+        raise HywiaError(f"unknown protocol '{protocol}': use {', '.join(PROTOCOLS)} (or give --seq-len)")
+    context = getattr(model.config, "max_position_embeddings", None) or PROTOCOLS[protocol]
+    return min(PROTOCOLS[protocol], context), protocol
+
 
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Summed next-token NLL of each window [n, seq_len] -> [n] (float64)."""
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // (windows.shape[1] * vocab)))
     sums = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", leave=False):
         batch = windows[start:start + batch_size].to(device)
@@ -46,23 +78,31 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tenso
     return torch.cat(sums)
 
 
-def perplexity(model, tokenizer, data: str = "wikitext2", seq_len: int = 128, max_windows: int | None = None,
-               data_dir: str | None = None, batch_size: int = 8) -> Perplexity:
-    """Perplexity of `model` on the test split of `data` (a dataset name or a text file)."""
-    if seq_len < 2:
-        raise HywiaError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens")
+BOS_CHOICES = ("auto", "yes", "no")
+
+
+def perplexity(model, tokenizer, data: str = "wikitext2", seq_len: int | None = None, max_windows: int | None = None,
+               data_dir: str | None = None, batch_size: int = 8, protocol: str | None = None, bos: str = "auto") -> Perplexity:
+    """Perplexity of `model` on the test split of `data` (a dataset name or a text file).
+
+    `bos`: "auto" follows the tokenizer (see `hywia.data`); "yes"/"no" force BOS-first windows on or off, to
+    reproduce another paper's protocol or to measure what BOS is worth."""
+    if bos not in BOS_CHOICES:
+        raise HywiaError(f"unknown --bos '{bos}': use {', '.join(BOS_CHOICES)}")
+    seq_len, protocol = resolve_seq_len(model, protocol, seq_len)
     text = load_text(data, "test", data_dir)
-    ids = tokenize(tokenizer, text.text)
-    n = len(ids) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise HywiaError(f"{data} has {len(ids)} tokens, fewer than one --seq-len {seq_len} window")
+    if bos == "yes" and tokenizer.bos_token_id is None:
+        raise HywiaError("--bos yes: this tokenizer has no BOS token; use --bos auto or no")
+    bos = {"auto": bos_id(tokenizer), "yes": tokenizer.bos_token_id, "no": None}[bos]
+    windows = consecutive_windows(tokenize(tokenizer, text.text), seq_len, bos, max_windows)
+    if len(windows) == 0:
+        raise HywiaError(f"{data} has fewer tokens than one --seq-len {seq_len} window")
     was_training = model.training
     model.eval()
     try:
-        nll = window_nll(model, ids[: n * seq_len].view(n, seq_len), batch_size).sum().item()
+        nll = window_nll(model, windows, batch_size).sum().item()
     finally:
         model.train(was_training)
-    tokens = n * (seq_len - 1)
-    return Perplexity(math.exp(nll / tokens), nll / tokens, tokens, n, seq_len, data, text.source)
+    tokens = len(windows) * (seq_len - 1)
+    return Perplexity(math.exp(nll / tokens), nll / tokens, tokens, len(windows), seq_len, protocol, bos is not None,
+                      max_windows, data, text.source)

@@ -4,6 +4,7 @@ scores.safetensors  one float32 tensor per "NAME/LAYER.KIND" (NAME: fine, coarse
 kept_params.png     kept parameters per layer when fine-only, coarse-only or fused scores drive the pruning at the
                     same ratio, under layer and global scope (the paper's Figure 1 and Figure 3 right)
 alpha.png           distribution of the fusion weight alpha per layer, attention and MLP groups (Figure 3 left)
+loss.png            (recovery) the training loss per optimizer step, next to a fine-tuned model
 """
 from __future__ import annotations
 
@@ -57,6 +58,19 @@ def plot_alpha(report: PruneReport, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    """The training loss per optimizer step of a recovery run (written next to the merged model as loss.png)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(range(1, len(losses) + 1), losses, marker="." if len(losses) < 60 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (token-weighted NLL)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

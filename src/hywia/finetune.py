@@ -7,6 +7,15 @@ accumulation; 2 epochs; prompts cut at 256 tokens; loss on the whole prompt + re
 The loop is written out rather than delegated to `transformers.Trainer` so that a killed run resumes *exactly*:
 a checkpoint holds the LoRA weights, optimizer and scheduler state, the step and the RNG state, and the data
 order is a pure function of (seed, epoch), so steps after a resume see the same batches and dropout masks.
+
+Precision: the frozen base runs in the model's dtype and the LoRA weights stay float32 (PEFT's default), so
+bfloat16 compute is safe and about twice as fast on CPU. float16 is not: its range overflows in the backward
+pass of a small model (NaN loss), so a float16 model is trained in bfloat16 instead, and says so. Any
+non-finite loss stops the run with an error, keeping the last good checkpoint. The adapter is merged into the
+base at the dtype its checkpoint is stored in (`merge`), so a bfloat16 run loses no update to rounding.
+
+Guard: the mean loss on `GUARD_RECORDS` training records is measured before training and on the merged model
+after it; recovery that made the model worse on the data it was tuned for is refused (`check_recovery`).
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,8 +40,10 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
                    "### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_FILE = "alpaca/alpaca_data_cleaned.sample.json"
+# the full release, the first 5,000 records of it (the shared data dir), an early 102-record sample; first found wins
+ALPACA_FILES = ("alpaca/alpaca_data_cleaned.json", "alpaca/alpaca_data_cleaned.first5000.json", "alpaca/alpaca_data_cleaned.sample.json")
 ALPACA_HUB = "yahma/alpaca-cleaned"
+GUARD_RECORDS = 64
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class FinetuneSettings:
     micro_batch_size: int = 4
     epochs: int = 2
     max_steps: int | None = None
+    max_records: int | None = None  # use the first N records only
     warmup_steps: int = 100  # capped at a tenth of the run, so short CPU runs are not all warmup
     cutoff_len: int = 256
     save_steps: int = 50
@@ -58,6 +71,8 @@ class FinetuneReport:
     resumed_from: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    compute_dtype: str = "float32"
+    guard: dict = field(default_factory=dict)  # mean loss on GUARD_RECORDS training records, before and after
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,12 +84,12 @@ def load_instructions(name: str, data_dir: str | None = None) -> tuple[list[dict
     if name == "alpaca":
         local = resolve_data_dir(data_dir)
         if local is not None:
-            path = local / ALPACA_FILE
+            path = next((local / f for f in ALPACA_FILES if (local / f).is_file()), local / ALPACA_FILES[0])
         elif hub_reachable():
             import datasets
             return [dict(r) for r in datasets.load_dataset(ALPACA_HUB, split="train")], ALPACA_HUB
         else:
-            raise HywiaError(f"cannot load alpaca from the hub (offline); pass --data-dir DIR holding {ALPACA_FILE} or a json/jsonl path")
+            raise HywiaError(f"cannot load alpaca from the hub (offline); pass --data-dir DIR holding {ALPACA_FILES[0]} or a json/jsonl path")
     if not path.is_file():
         raise HywiaError(f"instruction data {path} not found; pass alpaca or a json/jsonl file of instruction/input/output records")
     text = path.read_text(encoding="utf-8")
@@ -109,6 +124,36 @@ def _collate(examples: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
         ids[i, :len(e)], mask[i, :len(e)] = e, 1
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+def _micro_batch_nll(model, batch: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Summed next-token NLL of a micro-batch of examples (padding ignored)."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in _collate(batch, pad_id))
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[torch.Tensor], pad_id: int, micro_batch_size: int = 4) -> float:
+    """Token-weighted mean NLL of `examples`, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = sum(_micro_batch_nll(model, examples[m:m + micro_batch_size], pad_id).item()
+                    for m in range(0, len(examples), micro_batch_size))
+    finally:
+        model.train(was_training)
+    return total / sum(len(e) - 1 for e in examples)
+
+
+def guard_examples(examples: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return [examples[i] for i in order[:GUARD_RECORDS]]
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def lora_model(model, settings: FinetuneSettings):
@@ -152,7 +197,17 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     """
     start_time = time.perf_counter()
     records, source = load_instructions(data, data_dir)
+    if settings.max_records is not None:
+        if settings.max_records < 1:
+            raise HywiaError(f"--max-records {settings.max_records} must be at least 1")
+        records = records[:settings.max_records]
     examples = tokenize_records(records, tokenizer, settings.cutoff_len)
+    compute_dtype = next(model.parameters()).dtype
+    if compute_dtype == torch.float16:
+        warnings.warn("float16 overflows in LoRA training (NaN loss); training in bfloat16 instead", stacklevel=2)
+        model.to(torch.bfloat16)
+        compute_dtype = torch.bfloat16
+    pad_id = pad_id_of(tokenizer)
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = settings.max_steps or settings.epochs * steps_per_epoch
     recipe = {"settings": asdict(settings), "data": source, "records": len(records)}
@@ -163,6 +218,8 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     if resume and latest is None:
         raise HywiaError(f"--resume found no checkpoint in {checkpoint_dir}; run without --resume to start")
 
+    guard = {"records": min(GUARD_RECORDS, len(examples)),
+             "before": mean_loss(model, guard_examples(examples, settings.seed), pad_id, settings.micro_batch_size)}
     torch.manual_seed(settings.seed)
     peft_model = lora_model(model, settings)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -184,8 +241,6 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
         step, losses = state["step"], state["losses"]
     resumed_from = step
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = next(peft_model.parameters()).device
     peft_model.train()
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step")
     while step < total:
@@ -193,15 +248,20 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
             break
         epoch, k = divmod(step, steps_per_epoch)
         batch = [examples[i] for i in _batch_order(len(examples), epoch, settings.seed)[k * settings.batch_size:(k + 1) * settings.batch_size]]
+        batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
         n_tokens = sum(len(e) - 1 for e in batch)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for m in range(0, len(batch), settings.micro_batch_size):
-            ids, mask, labels = (t.to(device) for t in _collate(batch[m:m + settings.micro_batch_size], pad_id))
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+            nll = _micro_batch_nll(peft_model, batch[m:m + settings.micro_batch_size], pad_id)
             (nll / n_tokens).backward()  # token-weighted mean over the whole effective batch
             step_loss += nll.item() / n_tokens
+        if not math.isfinite(step_loss):
+            bar.close()
+            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and step else ""
+            fix = "lower --lr" + ("" if compute_dtype == torch.float32 else ", or load with --dtype float32")
+            raise HywiaError(f"the loss became {step_loss} at step {step + 1} ({str(compute_dtype).removeprefix('torch.')} "
+                             f"compute){where}: {fix}")
         optimizer.step()
         scheduler.step()
         step += 1
@@ -213,10 +273,30 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     bar.close()
     peft_model.eval()
     report = FinetuneReport(asdict(settings), {"source": source, "records": len(records)}, step, resumed_from, losses,
-                            time.perf_counter() - start_time)
+                            time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard)
     return peft_model, report
 
 
-def merge(peft_model):
-    """Fold the LoRA weights into the base Linears: the same architecture (and pruned widths) as before."""
-    return peft_model.merge_and_unload()
+def merge(peft_model, base=None, settings: FinetuneSettings | None = None):
+    """Fold the LoRA weights into the base Linears: the same architecture (and pruned widths) as before.
+
+    With `base` (the same model loaded at another dtype, e.g. the checkpoint's float32 after bfloat16 training),
+    the trained adapter is moved onto it and merged there, so no part of the update is lost to rounding."""
+    if base is None:
+        return peft_model.merge_and_unload()
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    target = lora_model(base, settings or FinetuneSettings())
+    set_peft_model_state_dict(target, get_peft_model_state_dict(peft_model))
+    return target.merge_and_unload()
+
+
+def check_recovery(merged, tokenizer, data: str, report: FinetuneReport, data_dir: str | None = None) -> None:
+    """Measure the merged model on the guard records and refuse a recovery that made them worse (or non-finite)."""
+    settings = FinetuneSettings(**report.settings)
+    records, _ = load_instructions(data, data_dir)
+    examples = tokenize_records(records[:settings.max_records] if settings.max_records else records, tokenizer, settings.cutoff_len)
+    after = mean_loss(merged, guard_examples(examples, settings.seed), pad_id_of(tokenizer), settings.micro_batch_size)
+    report.guard["after"] = after
+    if not math.isfinite(after) or after > report.guard["before"]:
+        raise HywiaError(f"recovery made the model worse on {report.guard['records']} of its own training records "
+                         f"(loss {report.guard['before']:.4f} -> {after:.4f}); nothing was saved. Lower --lr or check the data")

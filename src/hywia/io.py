@@ -140,6 +140,20 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     return model.to(device), tokenizer
 
 
+def stored_dtype(name: str) -> str | None:
+    """The dtype a model directory's weights are stored in (config `dtype`), when hywia knows it; packaged and
+    GGUF models are dequantized to float32."""
+    path = Path(name).expanduser()
+    if name in PACKAGED or path.suffix == ".gguf":
+        return "float32"
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    fields = json.loads(config.read_text())
+    value = str(fields.get("dtype") or fields.get("torch_dtype") or "").removeprefix("torch.")
+    return value if value in DTYPES else None
+
+
 def check_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output before any work is done, so a mistake costs nothing."""
     out = Path(out).expanduser()

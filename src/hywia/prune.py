@@ -146,6 +146,27 @@ def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: 
     return _as_tensors(removed, ratio)
 
 
+def round_kept(sets: list[LayerGroups], scores: list[torch.Tensor], removed: list[torch.Tensor], multiple: int) -> list[torch.Tensor]:
+    """Move each MLP's kept channel count to the nearest multiple of `multiple` (hardware-friendly matmul widths):
+    the lowest-scored kept channels go, or the highest-scored removed ones come back. Attention is untouched (a
+    head is already a multiple of head_dim). The achieved ratio moves by less than `multiple` channels a layer."""
+    if multiple <= 1:
+        return removed
+    rounded = []
+    for s, score, gone in zip(sets, scores, removed):
+        kept = s.count - len(gone)
+        target = min(s.count, max(multiple, multiple * round(kept / multiple))) if s.kind == "mlp" else kept
+        gone_set = set(gone.tolist())
+        if target < kept:
+            extra = sorted((v, g) for g, v in enumerate(score.tolist()) if g not in gone_set)[:kept - target]
+            gone_set |= {g for _, g in extra}
+        elif target > kept:
+            back = sorted(((v, g) for g, v in enumerate(score.tolist()) if g in gone_set), reverse=True)[:target - kept]
+            gone_set -= {g for _, g in back}
+        rounded.append(torch.tensor(sorted(gone_set), dtype=torch.long))
+    return rounded
+
+
 def _kept(count: int, removed: torch.Tensor) -> list[int]:
     gone = set(removed.tolist())
     return [g for g in range(count) if g not in gone]
@@ -307,18 +328,21 @@ def _calibration(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
-          data_dir: str | None = None, batch_size: int = 4, **method_options) -> tuple[nn.Module, PruneReport]:
+          data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
     `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`
     (default: the method's own, `joint` for flap and `layer` for the others).
+    `round_to` rounds every layer's kept MLP channels to a multiple of it (`round_kept`).
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
     check_options(method, ratio, scope, target, method_options)
+    if round_to < 1:
+        raise HywiaError(f"--round-to {round_to} must be at least 1")
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
     sets = find_groups(model, target, layers)
@@ -330,8 +354,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size)
     with torch.no_grad():
         scores = criterion.score(sets, stats, method_options)
-    removed = allocate(sets, scores.per_set, ratio, scope, min_keep)
-    extra: dict = {"options": method_options}
+    removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep), round_to)
+    extra: dict = {"options": method_options, "round_to": round_to}
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}

@@ -1,0 +1,33 @@
+"""`hywia bench speed`: every figure present and consistent, the first model the reference, bad input one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_model
+from hywia import prune, save_model
+from hywia.speed import compare, markdown
+
+
+def test_compare_dense_and_pruned(tmp_path, tokenizer, calib_ids):
+    dense = save_model(tiny_model(), tokenizer, tmp_path / "dense", {})
+    pruned = save_model(prune(tiny_model(), method="l2", ratio=0.5)[0], tokenizer, tmp_path / "pruned", {})
+    rows = compare([str(dense), str(pruned)], [1, 2], prompt_len=8, new_tokens=3, repeats=1)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [(str(dense), 1), (str(dense), 2), (str(pruned), 1), (str(pruned), 2)]
+    for r in rows:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["ms_per_token"] == pytest.approx(1000 * r["batch_size"] / r["decode_tokens_per_s"])
+    dense_row, pruned_row = rows[0], rows[2]
+    assert dense_row["prefill_speedup"] == 1.0 and dense_row["ideal_speedup"] == 1.0
+    assert pruned_row["ideal_speedup"] == pytest.approx(dense_row["params"] / pruned_row["params"]) and pruned_row["ideal_speedup"] > 1
+    assert pruned_row["file_mb"] < dense_row["file_mb"]
+    assert markdown(rows).count("\n") == len(rows) + 1
+
+
+def test_cli_rejects_bad_batch_sizes(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hywia.cli", "bench", "speed", "--model", "x", "--batch-sizes", "one"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("hywia: error: --batch-sizes") and done.stderr.count("\n") == 1
