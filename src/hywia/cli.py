@@ -152,8 +152,8 @@ def _finetune(args) -> dict:
 
         def extra(tmp: Path) -> None:
             shutil.copytree(adapter_dir, tmp / "adapter")
-            plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {args.model}: {report.data['records']} records, "
-                        f"{report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype})")
+            plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {Path(args.model).name}\n{report.data['records']} "
+                        f"records, {report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype} compute)")
         save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite, extra=extra)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its checkpoints are no longer needed
     return {"model": args.model, "out": str(out), **report.as_dict()}
