@@ -202,7 +202,7 @@ def zeroshot(model, tokenizer, tasks: list[str] | None = None, limit: int | None
     offline = resolve_data_dir(data_dir) is not None
     if not offline and not hub_reachable():
         raise HywiaError("cannot load the zero-shot tasks from the Hugging Face hub (offline); pass --data-dir DIR "
-                         "holding zeroshot/<task>/ release files (or set HYWIA_DATA_DIR); see docs/zeroshot.md")
+                         "holding zeroshot/<task>/ release files (or set HYWIA_DATA_DIR); see docs/recovery_and_zeroshot.md")
     with tempfile.TemporaryDirectory() as tmp:
         specs = local_task_files(names, data_dir, Path(tmp), hellaswag_case) if offline else [TASKS[n].harness for n in names]
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
