@@ -105,12 +105,10 @@ def _prune(args) -> dict:
     method_options = {k: v for k, v in (("fusion", args.fusion), ("alpha", args.alpha), ("fusion_dim", args.fusion_dim),
                                         ("normalize", args.normalize)) if v is not None}
     check_output(args.out, args.overwrite)  # fail before minutes of work, not after
-    check_options(args.method, args.ratio, args.scope, args.target, method_options)
+    check_options(args.method, args.ratio, args.scope, args.target, method_options, args.round_to)
     data_dir(args.data_dir)
     if args.samples < 1 or args.seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
-    if args.round_to < 1:
-        raise HywiaError(f"--round-to {args.round_to} must be at least 1")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     load_seconds = time.perf_counter() - t0
@@ -147,7 +145,7 @@ def _finetune(args) -> dict:
     with tempfile.TemporaryDirectory() as adapter_dir:
         peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
         merged = merge(peft_model, base, settings)
-        check_recovery(merged, tokenizer, args.data, report, args.data_dir)
+        check_recovery(merged, tokenizer, report)
         recipe = {**previous, "model": args.model, "finetune": report.as_dict()}
 
         def extra(tmp: Path) -> None:
@@ -165,13 +163,9 @@ def _eval(args) -> dict:
     from .prune import count_params
 
     if args.eval_command == "zeroshot":
-        from .zeroshot import HELLASWAG_CASES, TASKS, zeroshot
+        from .zeroshot import check_options, zeroshot
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise HywiaError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
-        if args.hellaswag_case not in HELLASWAG_CASES:
-            raise HywiaError(f"unknown --hellaswag-case '{args.hellaswag_case}': use {' or '.join(HELLASWAG_CASES)}")
+        check_options(tasks, args.hellaswag_case)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     result: dict = {"model": args.model, "params": count_params(model)}
     datasets = args.data if args.eval_command == "ppl" else (["wikitext2", "ptb"] if args.ppl else [])

@@ -78,8 +78,11 @@ def _check_ratio_and_scope(ratio: float, scope: str) -> None:
         raise HywiaError(f"unknown scope '{scope}': use {', '.join(SCOPES)}")
 
 
-def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None) -> None:
+def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
+                  round_to: int = 1) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
+    if round_to < 1:
+        raise HywiaError(f"--round-to {round_to} must be at least 1")
     criterion = get_criterion(method, method_options)
     _check_ratio_and_scope(ratio, scope or criterion.scope)
     if target not in ("attention", "mlp", "both"):
@@ -340,9 +343,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
-    check_options(method, ratio, scope, target, method_options)
-    if round_to < 1:
-        raise HywiaError(f"--round-to {round_to} must be at least 1")
+    check_options(method, ratio, scope, target, method_options, round_to)
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
     sets = find_groups(model, target, layers)

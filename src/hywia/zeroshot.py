@@ -172,6 +172,15 @@ def local_task_files(names: list[str], data_dir: str | None, workdir: Path, hell
     return paths
 
 
+def check_options(names: list[str], hellaswag_case: str) -> None:
+    """Validate task names and the HellaSwag option before a model is loaded."""
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise HywiaError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
+    if hellaswag_case not in HELLASWAG_CASES:
+        raise HywiaError(f"unknown --hellaswag-case '{hellaswag_case}': use {' or '.join(HELLASWAG_CASES)}")
+
+
 @contextlib.contextmanager
 def _no_git_probe() -> Iterator[None]:
     """The harness records `git describe` of the working directory, which is not hywia's and, outside a checkout,
@@ -194,11 +203,7 @@ def zeroshot(model, tokenizer, tasks: list[str] | None = None, limit: int | None
     from lm_eval.tasks import TaskManager
 
     names = tasks or list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise HywiaError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
-    if hellaswag_case not in HELLASWAG_CASES:
-        raise HywiaError(f"unknown --hellaswag-case '{hellaswag_case}': use {' or '.join(HELLASWAG_CASES)}")
+    check_options(names, hellaswag_case)
     offline = resolve_data_dir(data_dir) is not None
     if not offline and not hub_reachable():
         raise HywiaError("cannot load the zero-shot tasks from the Hugging Face hub (offline); pass --data-dir DIR "
