@@ -15,7 +15,8 @@ CPU; the effect is measured on the dense model, see docs/RESULTS.md): WikiText-2
 first 200 windows of the llm-pruner protocol (128 tokens) and the first 12 windows of the sparsegpt protocol
 (2048 tokens), about 25k predicted tokens each; zero-shot on the first `--limit` documents of each task.
 Recovery: `hywia finetune` at the paper's settings (LoRA r=8, alpha 16, lr 1e-4, effective batch 64) for one
-epoch over the first `--records` Alpaca-cleaned records, bfloat16 compute merged into float32 weights.
+epoch over the first `--records` Alpaca-cleaned records, bfloat16 compute merged into float32 weights; SAAP's
+with its group fine-tuning (`--groups 3`: layers 20-29, then 10-19, then 0-9, a third of the steps each).
 """
 from __future__ import annotations
 
@@ -35,66 +36,94 @@ METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are
     "flap (layer scope)": ["--method", "flap", "--scope", "layer"],
     "wanda_sp": ["--method", "wanda_sp"],
     "vector": ["--method", "vector"],
+    "saap": ["--method", "saap"],
 }
-RECOVERED = ("hywia", "element2", "flap (layer scope)")  # the 20% models recovered: HyWIA, Element2, best retraining-free
+# the 20% models recovered: HyWIA, Element2, the best retraining-free baseline, and SAAP with its own group fine-tuning
+RECOVERED = {"hywia": [], "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}
 
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Grid:
+    """Models made once into `work` and evaluated once into `results` (one JSON line per evaluated model)."""
+
+    def __init__(self, args: argparse.Namespace, results: Path):
+        self.args, self.results = args, results
+        self.done = {json.loads(l)["key"] for l in results.read_text().splitlines()} if results.exists() else set()
+        self.work = args.work / slug(args.model)
+        self.work.mkdir(parents=True, exist_ok=True)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        self.common = ["--data-dir", args.data_dir]
+
+    def evaluate(self, row: str, path: str, info: dict) -> None:
+        """Both perplexity protocols and the seven zero-shot tasks of the model at `path`, unless already measured."""
+        a = self.args
+        key = json.dumps({"model": a.model, "row": row, "seed": a.seed, "limit": a.limit, "dtype": a.dtype,
+                          "windows": [a.windows_128, a.windows_2048]}, sort_keys=True)
+        if key in self.done:
+            return
+        print(f"[{time.strftime('%H:%M:%S')}] evaluating {info['name']}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        zs = _hywia("eval", "zeroshot", "--model", path, "--ppl", "--max-windows", str(a.windows_128), "--dtype", a.dtype,
+                    "--limit", str(a.limit), *self.common)
+        long = _hywia("eval", "ppl", "--model", path, "--data", "wikitext2", "ptb", "--protocol", "sparsegpt",
+                      "--max-windows", str(a.windows_2048), "--dtype", a.dtype, *self.common)
+        record = {"key": key, **info, "params": zs["params"], "ppl_128": zs["ppl"], "ppl_2048": long["ppl"],
+                  "zeroshot": zs["zeroshot"], "average": zs["average"], "limit": a.limit, "dtype": a.dtype,
+                  "eval_seconds": time.perf_counter() - start, "machine": machine()}
+        with self.results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.done.add(key)
+
+    def make(self, label: str, flags: list[str], folder: str) -> dict:
+        """`hywia prune MODEL FLAGS` into work/FOLDER unless it is there; returns its hywia.json."""
+        out = self.work / folder
+        if not out.is_dir():
+            print(f"[{time.strftime('%H:%M:%S')}] pruning {label}", file=sys.stderr, flush=True)
+            _hywia("prune", "--model", self.args.model, *flags, "--seed", str(self.args.seed), "--out", str(out), *self.common)
+        return {"path": str(out), **json.loads((out / "hywia.json").read_text())}
+
+
+def attempt(step, *step_args):
+    """One row; a failure is logged and the grid goes on (a rerun retries it)."""
+    try:
+        return step(*step_args)
+    except RuntimeError as e:
+        print(f"[{time.strftime('%H:%M:%S')}] FAILED: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def arguments(doc: str, results: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
-    parser.add_argument("--ratios", default="0.2,0.5")
-    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=100, help="zero-shot documents per task")
     parser.add_argument("--windows-128", type=int, default=200)
     parser.add_argument("--windows-2048", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", help="evaluation dtype")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "table1")
+    parser.add_argument("--results", type=Path, default=results)
+    return parser
+
+
+def main() -> None:
+    parser = arguments(__doc__, Path(__file__).parent / "results" / "table1.jsonl")
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--records", type=int, default=2000, help="Alpaca records for the one-epoch recovery")
     parser.add_argument("--no-recovery", action="store_true")
-    parser.add_argument("--work", type=Path, default=Path("runs") / "table1")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "table1.jsonl")
     args = parser.parse_args()
-
-    done = {json.loads(l)["key"] for l in args.results.read_text().splitlines()} if args.results.exists() else set()
-    work = args.work / slug(args.model)
-    work.mkdir(parents=True, exist_ok=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    common = ["--data-dir", args.data_dir]
-
-    def evaluate(key: str, path: str, info: dict) -> None:
-        key = json.dumps({"model": args.model, "row": key, "seed": args.seed, "limit": args.limit, "dtype": args.dtype,
-                          "windows": [args.windows_128, args.windows_2048]}, sort_keys=True)
-        if key in done:
-            return
-        print(f"[{time.strftime('%H:%M:%S')}] evaluating {info['name']}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        zs = _hywia("eval", "zeroshot", "--model", path, "--ppl", "--max-windows", str(args.windows_128), "--dtype", args.dtype,
-                    "--limit", str(args.limit), *common)
-        long = _hywia("eval", "ppl", "--model", path, "--data", "wikitext2", "ptb", "--protocol", "sparsegpt",
-                      "--max-windows", str(args.windows_2048), "--dtype", args.dtype, *common)
-        record = {"key": key, **info, "params": zs["params"], "ppl_128": zs["ppl"], "ppl_2048": long["ppl"],
-                  "zeroshot": zs["zeroshot"], "average": zs["average"], "limit": args.limit, "dtype": args.dtype,
-                  "eval_seconds": time.perf_counter() - start, "machine": machine()}
-        with args.results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        done.add(key)
+    grid = Grid(args, args.results)
 
     def prune(method: str, ratio: float) -> Path:
-        pruned = work / f"{slug(method)}-{ratio}-s{args.seed}"
-        if not pruned.is_dir():
-            print(f"[{time.strftime('%H:%M:%S')}] pruning {method} {ratio:.0%}", file=sys.stderr, flush=True)
-            _hywia("prune", "--model", args.model, *METHODS[method], "--ratio", str(ratio), "--seed", str(args.seed),
-                   "--out", str(pruned), *common)
-        recipe = json.loads((pruned / "hywia.json").read_text())
-        evaluate(f"{method} {ratio}", str(pruned), {"name": f"{method} {ratio:.0%}", "method": method, "ratio": ratio,
-                                                    "recovered": False, "prune_seconds": recipe["seconds"],
-                                                    "achieved_ratio": recipe["achieved_ratio"]})
-        return pruned
+        recipe = grid.make(f"{method} {ratio:.0%}", [*METHODS[method], "--ratio", str(ratio)], f"{slug(method)}-{ratio}-s{args.seed}")
+        grid.evaluate(f"{method} {ratio}", recipe["path"], {"name": f"{method} {ratio:.0%}", "method": method, "ratio": ratio,
+                                                            "recovered": False, "prune_seconds": recipe["seconds"],
+                                                            "achieved_ratio": recipe["achieved_ratio"]})
+        return Path(recipe["path"])
 
     def recover(method: str, pruned: Path) -> None:
         tuned = pruned.with_name(f"{pruned.name}-lora{args.records}")
@@ -102,21 +131,14 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] recovering {method} 20%", file=sys.stderr, flush=True)
             resume = ["--resume"] if tuned.with_name(tuned.name + ".checkpoints").is_dir() else []
             _hywia("finetune", "--model", str(pruned), "--data", "alpaca", "--max-records", str(args.records), "--epochs", "1",
-                   "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned), *resume, *common)
+                   "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned), *RECOVERED[method], *resume, *grid.common)
         tune = json.loads((tuned / "hywia.json").read_text())["finetune"]
-        evaluate(f"{method} 0.2 lora{args.records}", str(tuned), {
+        grid.evaluate(f"{method} 0.2 lora{args.records}", str(tuned), {
             "name": f"{method} 20% + LoRA", "method": method, "ratio": 0.2, "recovered": True, "finetune_seconds": tune["seconds"],
-            "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"], "guard": tune.get("guard")})
+            "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"], "guard": tune.get("guard"),
+            "groups": tune["settings"].get("groups", 1)})
 
-    def attempt(step, *step_args) -> Path | None:
-        """One row; a failure is logged and the grid goes on (a rerun retries it)."""
-        try:
-            return step(*step_args)
-        except RuntimeError as e:
-            print(f"[{time.strftime('%H:%M:%S')}] FAILED: {e}", file=sys.stderr, flush=True)
-            return None
-
-    attempt(evaluate, "dense", args.model, {"name": "dense", "method": "dense", "ratio": 0.0, "recovered": False})
+    attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "ratio": 0.0, "recovered": False})
     methods = [m for m in args.methods.split(",") if m]
     for ratio in [float(r) for r in args.ratios.split(",")]:
         pruned = {method: attempt(prune, method, ratio) for method in methods}

@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, find_groups, prune
-from hywia.fusion import AttentionFusion, fuse, normalise
+from hywia.fusion import AttentionFusion, normalise
+from hywia.methods.hywia import fuse
 from hywia.importance import collect_stats
 from hywia.prune import check_options
 

@@ -34,23 +34,32 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="hywia, random, l1, l2, vector, element1, element2, wanda_sp, flap")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of the prunable parameters to remove, 0 < ratio < 1")
-    p.add_argument("--calib", default="wikitext2", help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path")
-    p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--method", default="element2", help="structured: hywia, saap, random, l1, l2, vector, element1, element2, "
+                   "wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
+    p.add_argument("--ratio", type=float, default=None, help="structured: fraction of the prunable parameters to remove, 0 < ratio < 1")
+    p.add_argument("--sparsity", type=float, default=None, help="unstructured: fraction of the decoder weights to zero, 0 < s < 1")
+    p.add_argument("--pattern", default=None, help="unstructured: N:M, N zeros in every M consecutive weights (2:4, 4:8)")
+    p.add_argument("--calib", default=None, help="calibration data: wikitext2, ptb, c4, bookcorpus or a file path "
+                   "(default: wikitext2 for structured methods, c4 for unstructured ones, as their papers do)")
+    p.add_argument("--samples", type=int, default=None, help="calibration windows (default 10 structured, 128 unstructured)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 128 structured, 2048 unstructured)")
     p.add_argument("--scope", default=None, help="layer: same ratio in every layer; global: one ranking per kind across layers; "
                    "joint: one ranking of every group (default: joint for flap, layer for the others)")
-    p.add_argument("--target", default="both", help="attention, mlp or both")
+    p.add_argument("--target", default=None, help="attention, mlp or both (default)")
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
-    p.add_argument("--min-keep", type=int, default=1, help="groups every layer keeps (MLP may go to 0; attention keeps 1)")
+    p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration batch (default 4 structured, 1 unstructured)")
     p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model) or fixed")
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
-    p.add_argument("--normalize", default=None, help="hywia only: rank (default) or mean, how fine and coarse scores are put on one scale")
+    p.add_argument("--normalize", default=None, help="hywia, saap: rank (default) or mean, how fine and coarse scores are put on one scale")
+    p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 0.5); "
+                   "mixed: sparsity spread over the sensitivity ranking, target +- spread (default 0.1)")
+    p.add_argument("--granularity", default=None, help="mixed: layer (default) or matrix, the unit that gets its own sparsity")
+    p.add_argument("--sensitivity-samples", type=int, default=None, help="mixed: calibration windows the Fisher sensitivity uses (default 8)")
+    p.add_argument("--wbits", type=int, default=None, help="sparsegpt, mixed: also quantize the kept weights to N bits in the same pass")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -60,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind, default in (("rank", int, 8), ("lora-alpha", int, 16), ("lora-dropout", float, 0.05), ("lr", float, 1e-4),
                                 ("batch-size", int, 64), ("micro-batch-size", int, 4), ("epochs", int, 2),
                                 ("max-steps", int, None), ("max-records", int, None), ("warmup-steps", int, 100), ("cutoff-len", int, 256),
-                                ("save-steps", int, 50), ("seed", int, 0)):
+                                ("save-steps", int, 50), ("seed", int, 0), ("groups", int, 1)):
         f.add_argument(f"--{name}", type=kind, default=default)
+    f.epilog = "--groups N > 1: SAAP's group fine-tuning, N groups of decoder layers trained one after another (deepest first)"
     f.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints beside --out)")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     f.add_argument("--out", required=True)
@@ -96,28 +106,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize")
+UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
+
+
+def _refuse(args, names: tuple[str, ...], kind: str) -> None:
+    given = [n for n in names if getattr(args, n) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        fix = "it takes --sparsity or --pattern" if kind == "unstructured" else "it takes --ratio"
+        raise HywiaError(f"{flag} does not apply to --method {args.method}, which is {kind} pruning ({fix})")
+
+
 def _prune(args) -> dict:
     from .data import data_dir
     from .figures import write_artifacts
     from .io import check_output, load_model, save_model
     from .prune import check_options, prune
+    from .sparsify import SPARSIFIERS, sparsify
 
-    method_options = {k: v for k, v in (("fusion", args.fusion), ("alpha", args.alpha), ("fusion_dim", args.fusion_dim),
-                                        ("normalize", args.normalize)) if v is not None}
+    unstructured = args.method in SPARSIFIERS
+    _refuse(args, STRUCTURED_ONLY if unstructured else UNSTRUCTURED_ONLY, "unstructured" if unstructured else "structured")
+    names = ("spread", "granularity", "sensitivity_samples", "wbits") if unstructured else ("fusion", "alpha", "fusion_dim", "normalize", "spread")
+    method_options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    calib = args.calib or ("c4" if unstructured else "wikitext2")
+    samples, seq_len = args.samples or (128 if unstructured else 10), args.seq_len or (2048 if unstructured else 128)
+    batch_size = args.batch_size or (1 if unstructured else 4)
     check_output(args.out, args.overwrite)  # fail before minutes of work, not after
-    check_options(args.method, args.ratio, args.scope, args.target, method_options, args.round_to)
+    if unstructured:
+        from .sparsify import check_options as check_sparsity
+        check_sparsity(args.method, args.sparsity, args.pattern, method_options)
+    else:
+        if args.ratio is None:
+            raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
+        check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1)
     data_dir(args.data_dir)
-    if args.samples < 1 or args.seq_len < 2:
+    if samples < 1 or seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     load_seconds = time.perf_counter() - t0
-    model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=args.calib, samples=args.samples,
-                          seq_len=args.seq_len, scope=args.scope, target=args.target, layers=args.layers,
-                          min_keep=args.min_keep, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
-                          round_to=args.round_to, **method_options)
+    if unstructured:
+        model, report = sparsify(model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=calib,
+                                 samples=samples, seq_len=seq_len, seed=args.seed, data_dir=args.data_dir,
+                                 batch_size=batch_size, **method_options)
+        artifacts = None
+    else:
+        model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=calib, samples=samples,
+                              seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
+                              min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
+                              batch_size=batch_size, round_to=args.round_to or 1, **method_options)
+        artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
-    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=lambda tmp: write_artifacts(tmp, report))
+    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)
     return {**recipe, "out": str(args.out)}
 
 
@@ -218,10 +259,15 @@ def _print_text(result: dict) -> None:
             print(Perplexity(**r).describe())
         print(f"params: {result['params']:,}")
         return
-    print(f"pruned {result['model']} with {result['method']} at ratio {result['ratio']} ({result['scope']} scope): "
-          f"removed {result['achieved_ratio']:.4f} of prunable parameters")
-    print(f"params: {result['params_before']:,} -> {result['params_after']:,} "
-          f"({1 - result['params_after'] / result['params_before']:.2%} fewer overall)")
+    if result.get("outcome") == "unstructured":
+        print(f"sparsified {result['model']} with {result['method']} at {result['pattern'] or result['sparsity']}: "
+              f"{result['zeros']:,} of {result['prunable']:,} decoder weights are zero ({result['achieved_sparsity']:.4f}); "
+              f"per-matrix sparsity {min(result['per_matrix'].values()):.3f}-{max(result['per_matrix'].values()):.3f}")
+    else:
+        print(f"pruned {result['model']} with {result['method']} at ratio {result['ratio']} ({result['scope']} scope): "
+              f"removed {result['achieved_ratio']:.4f} of prunable parameters")
+        print(f"params: {result['params_before']:,} -> {result['params_after']:,} "
+              f"({1 - result['params_after'] / result['params_before']:.2%} fewer overall)")
     print(f"calibration: {result['calibration']}")
     print(f"time {result['seconds']:.1f}s (+{result['load_seconds']:.1f}s load), peak RSS {result['peak_rss_mb']:.0f} MB")
     print(f"saved to {result['out']}")

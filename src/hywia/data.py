@@ -228,3 +228,17 @@ def calibration_samples(model, tokenizer, calib: str, n: int, seq_len: int, seed
     bos = bos_id(tokenizer)
     windows = random_windows(tokenize(tokenizer, text.text), n, seq_len, seed, bos)
     return windows, {"source": text.source, "split": text.split, "bos": bos is not None}
+
+
+def calibration_ids(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_len: int, seed: int,
+                    data_dir: str | None) -> tuple[torch.Tensor, dict]:
+    """Calibration token ids [n, seq_len] and where they came from: `calib` names text (or a file) to draw
+    windows from with `tokenizer`, or is the ids already."""
+    if isinstance(calib, torch.Tensor):
+        ids, record = calib, {"source": "tensor", "split": None, "name": "tensor"}
+    elif tokenizer is None:
+        raise HywiaError("this method needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
+    else:
+        ids, record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
+        record["name"] = calib
+    return ids, {**record, "samples": len(ids), "seq_len": ids.shape[1]}

@@ -15,6 +15,11 @@ pass of a small model (NaN loss), so a float16 model is trained in bfloat16 inst
 non-finite loss stops the run with an error, keeping the last good checkpoint. The adapter is merged into the
 base at the dtype its checkpoint is stored in (`merge`), so a bfloat16 run loses no update to rounding.
 
+Group fine-tuning (SAAP's recovery, `groups` > 1): the decoder layers are split into `groups` contiguous groups
+and the run into as many stages of equal length; stage k trains only the LoRA weights of one group, the deepest
+group first, while the others stay as they are. The data, steps and learning-rate schedule are those of the
+all-at-once run; a stage's backward pass stops at the lowest layer it trains, so early stages are cheaper.
+
 Guard: the mean loss on `GUARD_RECORDS` training records is measured before training and on the merged model
 after it; recovery that made the model worse on the data it was tuned for is refused (`check_recovery`).
 """
@@ -62,6 +67,7 @@ class FinetuneSettings:
     cutoff_len: int = 256
     save_steps: int = 50
     seed: int = 0
+    groups: int = 1  # > 1: SAAP's group fine-tuning, one group of decoder layers trained at a time
 
 
 @dataclass
@@ -168,14 +174,29 @@ def lora_model(model, settings: FinetuneSettings):
     return get_peft_model(model, config)
 
 
+def layer_of(name: str, layers_path: str) -> int | None:
+    """Decoder layer index in a (PEFT-prefixed) parameter name, or None outside the decoder layers."""
+    head, found, tail = name.partition(f"{layers_path}.")
+    return int(tail.split(".", 1)[0]) if found else None
+
+
+def stage_layers(step: int, total: int, groups: int, n_layers: int) -> range:
+    """The decoder layers trained at `step` of `total`: stage step * groups // total, deepest group first."""
+    stage = min(step * groups // total, groups - 1)
+    bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
+    group = groups - 1 - stage
+    return range(bounds[group], bounds[group + 1])
+
+
 def _batch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def _save_checkpoint(directory: Path, step: int, peft_model, optimizer, scheduler, recipe: dict, losses: list[float]) -> None:
+def _save_checkpoint(directory: Path, step: int, lora: dict[str, torch.nn.Parameter], optimizer, scheduler, recipe: dict,
+                     losses: list[float]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "recipe": recipe, "losses": losses, "rng": torch.get_rng_state(),
-             "lora": {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+             "lora": {n: p.detach().clone() for n, p in lora.items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     tmp = directory / f".step-{step}.pt.tmp"
     torch.save(state, tmp)
@@ -219,13 +240,17 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
         raise HywiaError(f"{checkpoint_dir} holds a checkpoint ({latest.name}); pass --resume to continue it, or remove it to start over")
     if resume and latest is None:
         raise HywiaError(f"--resume found no checkpoint in {checkpoint_dir}; run without --resume to start")
+    layers_path = adapter_for(model.config).layers
+    n_layers = len(model.get_submodule(layers_path))
+    if not 1 <= settings.groups <= min(n_layers, total):
+        raise HywiaError(f"--groups {settings.groups} must be between 1 and the number of decoder layers ({n_layers}) and of steps ({total})")
 
     guarded = guard_examples(examples, settings.seed)
     guard = {"records": len(guarded), "before": mean_loss(model, guarded, pad_id, settings.micro_batch_size)}
     torch.manual_seed(settings.seed)
     peft_model = lora_model(model, settings)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
+    lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(lora.values()), lr=settings.lr, weight_decay=0.0)
     warmup = min(settings.warmup_steps, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     step, losses = 0, []
@@ -248,6 +273,10 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     while step < total:
         if stop_after is not None and step - resumed_from >= stop_after:
             break
+        if settings.groups > 1:  # a parameter without grad is skipped by AdamW: its moments wait for its stage
+            trained = stage_layers(step, total, settings.groups, n_layers)
+            for name, p in lora.items():
+                p.requires_grad_(layer_of(name, layers_path) in trained)
         epoch, k = divmod(step, steps_per_epoch)
         batch = [examples[i] for i in _batch_order(len(examples), epoch, settings.seed)[k * settings.batch_size:(k + 1) * settings.batch_size]]
         batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
@@ -271,8 +300,10 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}")
         if checkpoint_dir and (step % settings.save_steps == 0 or step == total):
-            _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, recipe, losses)
+            _save_checkpoint(checkpoint_dir, step, lora, optimizer, scheduler, recipe, losses)
     bar.close()
+    for p in lora.values():
+        p.requires_grad_(True)
     peft_model.eval()
     report = FinetuneReport(asdict(settings), {"source": source, "records": len(records)}, step, resumed_from, losses,
                             time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard, guarded)

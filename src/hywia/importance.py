@@ -1,4 +1,5 @@
-"""Importance criteria: functions from one layer's groups and calibration statistics to per-group scores.
+"""Importance criteria, the shared machinery: calibration statistics, the `Criterion` type and its registry.
+The criteria themselves live in hywia/methods/, one module per method family, and register here.
 
 Statistics come from the causal-LM loss on calibration samples:
   grad   = gradient of the mean loss over the batch (first order, what `vector` and `element1` use);
@@ -8,6 +9,8 @@ and from a forward pass alone:
   inputs = per input feature of every input-column projection (o_proj, down_proj), the count, sum and sum of
            squares of its value over calibration tokens: the activation norms Wanda-sp weighs weights by, and
            the mean and variance FLAP scores (variance) and compensates (mean) with.
+  samples = optionally, per calibration sample, per-group values a criterion derives from that sample's gradient
+           (their moments over samples: SAAP's measure of how uncertain each estimate is).
 A criterion declares which of them it needs, so magnitude criteria never run a backward pass, activation
 criteria never run one either, and only the second-order ones pay for per-sample backward passes.
 """
@@ -25,9 +28,10 @@ from .grouping import LayerGroups
 
 
 @dataclass
-class InputMoments:
-    """Running moments of a Linear's input features over calibration tokens, in float64 so that the variance of
-    features with a large mean survives the subtraction."""
+class Moments:
+    """Running moments of features over observations (a Linear's input features over calibration tokens, or
+    per-group values over calibration samples), in float64 so that the variance of features with a large mean
+    survives the subtraction."""
 
     count: int = 0
     total: torch.Tensor | float = 0.0
@@ -56,7 +60,8 @@ class Stats:
 
     grad: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: dict[str, InputMoments] = field(default_factory=dict)
+    inputs: dict[str, Moments] = field(default_factory=dict)
+    samples: dict[str, Moments] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -66,15 +71,19 @@ class Scores:
 
     per_set: list[torch.Tensor]
     details: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    layer_ratios: dict[int, float] | None = None  # a criterion that ranks layers sets each layer's share (SAAP)
 
 
 @dataclass(frozen=True)
 class Criterion:
     """`score(sets, stats, options)` scores every LayerGroups at once, so a criterion may normalise across layers.
-    `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused, and `check`
+    `options` names the keyword options it accepts (e.g. a fusion's alpha); others are refused (the options
+    `score` gets also carry the run's "ratio"), and `check`
     validates their values before any model is loaded. `scope` is the allocation the method is defined with
     (the default when none is asked for); `compensates` asks removal to fold the calibration mean of every removed
-    input column into the output bias (FLAP's bias compensation)."""
+    input column into the output bias (FLAP's bias compensation). `per_sample(sets, grads, scale)` maps one
+    sample's gradients (param name -> gradient, times `scale`) to named per-group values [total groups], whose
+    moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
@@ -84,6 +93,7 @@ class Criterion:
     check: Callable[[dict], object] | None = None
     scope: str = "layer"
     compensates: bool = False
+    per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -96,11 +106,14 @@ def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[
 
 
 def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str], fisher: bool,
-                  batch_size: int = 4, seed: int = 0) -> Stats:
+                  batch_size: int = 4, seed: int = 0,
+                  per_sample: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None) -> Stats:
     """Accumulate gradient statistics of `param_names` over `samples` [n, seq_len] (token ids).
 
     With `fisher`, every sample gets its own backward pass: the empirical Fisher needs per-sample gradients,
-    and the batch gradient is their mean. Without it, micro-batches of `batch_size` are enough.
+    and the batch gradient is their mean. Without it, micro-batches of `batch_size` are enough. `per_sample`
+    (with `fisher`) gets every sample's gradients and the scale that makes them per-sample ones; the moments of
+    what it returns go to `stats.samples`.
     """
     stats = Stats(seed=seed)
     params = dict(model.named_parameters())
@@ -122,6 +135,9 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
             batch = samples[start:start + step].to(device)
             loss = model(input_ids=batch, labels=batch).loss * (len(batch) / n)
             loss.backward()
+            if per_sample is not None:
+                for key, value in per_sample({name: params[name].grad for name in param_names}, float(n)).items():
+                    stats.samples.setdefault(key, Moments()).add(value[None])
             for name in param_names:
                 g = params[name].grad.float()
                 stats.grad[name] += g
@@ -136,9 +152,9 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     return stats
 
 
-def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, InputMoments]:
+def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, Moments]:
     """Moments of each named Linear's input features over all calibration tokens (forward passes only)."""
-    moments = {name: InputMoments() for name in module_names}
+    moments = {name: Moments() for name in module_names}
     handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
                for name in module_names]
     was_training = model.training
@@ -155,81 +171,7 @@ def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[st
     return moments
 
 
-def _random(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """Uniform random scores, seeded per layer and kind so a run is reproducible."""
-    generator = torch.Generator().manual_seed(stats.seed * 100_003 + groups.layer * 2 + (groups.kind == "mlp"))
-    return torch.rand(groups.count, generator=generator)
-
-
-def _l1(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    return groups.sum(lambda s: s.param.detach().abs())
-
-
-def _l2(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    return groups.sum(lambda s: s.param.detach().square()).sqrt()
-
-
-def _element1(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """LLM-Pruner Element^1 (`param_first`): sum over the group's weights of |w * dL/dw|."""
-    return groups.sum(lambda s: (s.param.detach() * stats.grad[s.name]).abs())
-
-
-def _element2(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """LLM-Pruner Element^2 (`param_second`): sum of |1/2 w^2 F_ww| with F the diagonal empirical Fisher."""
-    return groups.sum(lambda s: 0.5 * s.param.detach().float().square() * stats.fisher[s.name])
-
-
-def _vector(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """First-order Taylor of removing the group as a whole: |sum over the group of w * dL/dw| on the batch."""
-    return groups.sum(lambda s: s.param.detach() * stats.grad[s.name]).abs()
-
-
-def _wanda_sp(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """Wanda-sp (the structured Wanda of An et al., FLAP, AAAI 2024): sum over the group's input columns of the
-    output projection (o_proj / down_proj) of |W_ij| * ||X_j||_2, X_j the column's input over calibration tokens.
-    Rows of q/k/v/gate/up contribute nothing: Wanda-sp scores a structure by the weights that read its output."""
-    def per_weight(slot):
-        if slot.dim != 1:
-            return torch.zeros_like(slot.param, dtype=torch.float32)
-        norm = stats.inputs[slot.name.rsplit(".", 1)[0]].squares.sqrt().float()
-        return slot.param.detach().float().abs() * norm
-    return groups.sum(per_weight)
-
-
-def _column_fluctuation(groups: LayerGroups, stats: Stats) -> torch.Tensor:
-    """FLAP's weighted input feature variance of every input column of the group's output projection,
-    Var(X_j) * ||W_:,j||^2, as [count, columns per group]."""
-    name, (module, _, size) = next((name, member) for name, member in groups.modules.items() if member[1] == 1)
-    column_norms = module.weight.detach().double().square().sum(0)
-    return (stats.inputs[name].variance.to(column_norms.device) * column_norms).float().cpu().reshape(groups.count, size)
-
-
-def _flap(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
-    """FLAP (An et al., AAAI 2024): a structure matters as much as its output fluctuates over calibration tokens,
-    since a steady output is replaced by its mean through the bias. Column fluctuations are standardised over all
-    layers per kind (attention, MLP), so that the two kinds can share one ranking, and a group scores the mean of
-    its standardised columns (an attention group: the n_rep * head_dim columns of one KV head's query heads)."""
-    columns = [_column_fluctuation(s, stats) for s in sets]
-    scores: list[torch.Tensor] = [torch.empty(0)] * len(sets)
-    for kind in dict.fromkeys(s.kind for s in sets):
-        members = [i for i, s in enumerate(sets) if s.kind == kind]
-        pooled = torch.cat([columns[i].flatten() for i in members])
-        mean, std = pooled.mean(), pooled.std() if len(pooled) > 1 else torch.tensor(0.0)
-        for i in members:
-            scores[i] = ((columns[i] - mean) / (std if std > 0 else 1)).mean(1)
-    return Scores(scores)
-
-
-CRITERIA: dict[str, Criterion] = {
-    "random": Criterion(per_layer(_random)),
-    "l1": Criterion(per_layer(_l1)),
-    "l2": Criterion(per_layer(_l2)),
-    "element1": Criterion(per_layer(_element1), needs_grad=True),
-    "element2": Criterion(per_layer(_element2), needs_grad=True, needs_fisher=True),
-    "vector": Criterion(per_layer(_vector), needs_grad=True),
-    "wanda_sp": Criterion(per_layer(_wanda_sp), needs_inputs=True),
-    "flap": Criterion(_flap, needs_inputs=True, scope="joint", compensates=True),
-}
+CRITERIA: dict[str, Criterion] = {}  # filled by hywia.methods, one module per method family
 
 
 def register(name: str, criterion: Criterion) -> None:
@@ -241,10 +183,15 @@ def get_criterion(name: str, options: dict | None = None) -> Criterion:
     if name not in CRITERIA:
         raise HywiaError(f"unknown method '{name}': choose one of {', '.join(CRITERIA)}")
     criterion = CRITERIA[name]
-    unknown = sorted(set(options or {}) - set(criterion.options))
-    if unknown:
-        raise HywiaError(f"--{unknown[0].replace('_', '-')} does not apply to --method {name}" +
-                         (f" (it takes {', '.join(criterion.options)})" if criterion.options else ""))
-    if criterion.check is not None:
-        criterion.check(options or {})
+    check_method_options(name, criterion.options, criterion.check, options)
     return criterion
+
+
+def check_method_options(method: str, accepted: tuple[str, ...], check: Callable[[dict], object] | None, options: dict | None) -> None:
+    """Refuse an option the method does not take (naming those it does), then let the method check the values."""
+    unknown = sorted(set(options or {}) - set(accepted))
+    if unknown:
+        flags = ", ".join("--" + o.replace("_", "-") for o in accepted)
+        raise HywiaError(f"--{unknown[0].replace('_', '-')} does not apply to --method {method}" + (f" (it takes {flags})" if accepted else ""))
+    if check is not None:
+        check(options or {})

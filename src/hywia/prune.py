@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import calibration_samples
+from .data import calibration_ids
 from .errors import HywiaError
 from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Scores, Stats, collect_inputs, collect_stats, get_criterion
@@ -90,8 +90,9 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
 
 
 def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, scope: str = "layer",
-             min_keep: int = 1) -> list[torch.Tensor]:
-    """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters."""
+             min_keep: int = 1, layer_ratios: dict[int, float] | None = None) -> list[torch.Tensor]:
+    """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters.
+    With `layer_ratios` (scope "layer"), layer L removes layer_ratios[L] of its own parameters instead."""
     _check_ratio_and_scope(ratio, scope)
     floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
     if scope == "joint":
@@ -104,16 +105,17 @@ def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, 
         bundles = [list(range(len(sets)))]
     for bundle in bundles:
         kinds = sorted({sets[i].kind for i in bundle}, key=lambda k: -next(sets[i].params_per_group for i in bundle if sets[i].kind == k))
-        budget = ratio * sum(sets[i].count * sets[i].params_per_group for i in bundle)
+        share = ratio if scope == "global" or layer_ratios is None else layer_ratios.get(sets[bundle[0]].layer, ratio)
+        budget = share * sum(sets[i].count * sets[i].params_per_group for i in bundle)
         for position, kind in enumerate(kinds):
             members = [i for i in bundle if sets[i].kind == kind]
             per_group = sets[members[0]].params_per_group
             total = sum(sets[i].count for i in members)
             last = position == len(kinds) - 1
-            n = max(0, round(budget / per_group)) if last else round(ratio * total)
+            n = max(0, round(budget / per_group)) if last else round(share * total)
             if scope == "layer" and n > total - floors[members[0]]:
                 raise HywiaError(
-                    f"--ratio {ratio} would leave layer {sets[members[0]].layer} with fewer than {floors[members[0]]} {kind} groups "
+                    f"--ratio {share:.3g} would leave layer {sets[members[0]].layer} with fewer than {floors[members[0]]} {kind} groups "
                     f"(it has {total}); lower --ratio" + (" or pass --min-keep 0" if kind == "mlp" else ""))
             candidates = [(value, i, g) for i in members for g, value in enumerate(scores[i].tolist())]
             picked = _lowest(candidates, n, left, floors)
@@ -278,7 +280,9 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
     stats = Stats(seed=seed)
     if criterion.needs_grad or criterion.needs_fisher:
         names = {slot.name for s in sets for slot in s.slots}
-        stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher, batch_size=batch_size, seed=seed)
+        per_sample = (lambda grads, scale: criterion.per_sample(sets, grads, scale)) if criterion.per_sample else None
+        stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher or per_sample is not None,
+                              batch_size=batch_size, seed=seed, per_sample=per_sample)
     if criterion.needs_inputs or criterion.compensates:
         readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
         stats.inputs = collect_inputs(model, samples, readers, batch_size)
@@ -315,19 +319,6 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
     return compared
 
 
-def _calibration(model, tokenizer, calib: str | torch.Tensor, samples: int, seq_len: int, seed: int,
-                 data_dir: str | None) -> tuple[torch.Tensor, dict]:
-    """Calibration token ids [n, seq_len] and where they came from."""
-    if isinstance(calib, torch.Tensor):
-        ids, record = calib, {"source": "tensor", "split": None, "name": "tensor"}
-    elif tokenizer is None:
-        raise HywiaError("this method needs calibration text: pass a tokenizer with calib, or token ids as a tensor")
-    else:
-        ids, record = calibration_samples(model, tokenizer, calib, samples, seq_len, seed, data_dir)
-        record["name"] = calib
-    return ids, {**record, "samples": len(ids), "seq_len": ids.shape[1]}
-
-
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
@@ -351,12 +342,14 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     prunable_before = sum(s.count * s.params_per_group for s in sets)
     ids, calib_record = None, {"samples": 0}
     if criterion.needs_data:
-        ids, calib_record = _calibration(model, tokenizer, calib, samples, seq_len, seed, data_dir)
+        ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size)
-    with torch.no_grad():
-        scores = criterion.score(sets, stats, method_options)
-    removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep), round_to)
+    with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
+        scores = criterion.score(sets, stats, {**method_options, "ratio": ratio})
+    removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
     extra: dict = {"options": method_options, "round_to": round_to}
+    if scores.layer_ratios:
+        extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
