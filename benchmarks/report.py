@@ -111,6 +111,39 @@ def table1_long(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LEVELS = ("0.5", "0.6", "0.7", "2:4")
+
+
+def sparsity_table(records: list[dict], dense: list[dict]) -> str:
+    """benchmarks/sparsity.py rows (and Table 1's dense row): both WikiText-2 protocols, PTB, the zero-shot average,
+    and the spread of per-layer sparsity that mixed sparsity allocates."""
+    lines = ["| method | sparsity | per-layer sparsity | WikiText-2 (128) | WikiText-2 (2048) | PTB (128) | PTB (2048) | average | prune s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in dense:
+        lines.append(f"| dense | 0 | - | {r['ppl_128']['wikitext2']['ppl']:.2f} | {r['ppl_2048']['wikitext2']['ppl']:.2f} | "
+                     f"{r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | {100 * r['average']:.2f} | - |")
+    for r in sorted(records, key=lambda r: (LEVELS.index(r["level"]) if r["level"] in LEVELS else 99, r["method"])):
+        layers: dict[str, list[float]] = defaultdict(list)
+        for name, value in r["per_matrix"].items():
+            layers[name.split(".")[2]].append(value)
+        per_layer = [statistics.mean(v) for v in layers.values()]
+        lines.append(f"| {r['method']} | {r['level']} | {min(per_layer):.3f}–{max(per_layer):.3f} | {r['ppl_128']['wikitext2']['ppl']:.2f} | "
+                     f"{r['ppl_2048']['wikitext2']['ppl']:.2f} | {r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | "
+                     f"{100 * r['average']:.2f} | {r['prune_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def defaults_table(records: list[dict]) -> str:
+    """benchmarks/choose_defaults.py: held-out calibration-corpus perplexity per option value (mean ± std over seeds)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["prune_args"], r["option"], r["held_out"], r["seq_len"], r["windows"], r["value"])].append(r["ppl"])
+    lines = ["| method | prune flags | option | value | held-out text (windows x tokens) | seeds | held-out ppl |", "|---|---|---|---|---|---|---|"]
+    for (method, args, option, held_out, seq_len, windows, value), ppl in groups.items():
+        lines.append(f"| {method} | `{args}` | --{option} | {value} | {held_out} validation ({windows} x {seq_len}) | {len(ppl)} | {cell(ppl)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     rows = load("table1.jsonl")
     if rows:
@@ -118,6 +151,14 @@ if __name__ == "__main__":
         print(table1(rows))
         print("\n## Table 1, both perplexity protocols\n")
         print(table1_long(rows))
+    sparse = load("sparsity.jsonl")
+    if sparse:
+        print("\n## Unstructured and N:M (SmolLM2-135M)\n")
+        print(sparsity_table(sparse, [r for r in rows if r["method"] == "dense"]))
+    defaults = load("defaults.jsonl")
+    if defaults:
+        print("\n## Defaults chosen on calibration data\n")
+        print(defaults_table(defaults))
     speed = load("speed.jsonl")
     if speed:
         from hywia.speed import markdown
