@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
     p.add_argument("--normalize", default=None, help="hywia, saap: rank (default) or mean, how fine and coarse scores are put on one scale")
-    p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 0.5); "
+    p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 1, capped at 50%+ ratios); "
                    "mixed: sparsity spread over the sensitivity ranking, target +- spread (default 0.1)")
     p.add_argument("--granularity", default=None, help="mixed: layer (default) or matrix, the unit that gets its own sparsity")
     p.add_argument("--sensitivity-samples", type=int, default=None, help="mixed: calibration windows the Fisher sensitivity uses (default 8)")

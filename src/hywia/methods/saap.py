@@ -20,7 +20,7 @@ from ..grouping import LayerGroups
 from ..importance import Criterion, Moments, Scores, Stats, register
 from .hywia import granularities
 
-DEFAULT_SPREAD = 0.5
+DEFAULT_SPREAD = 1.0
 
 
 def saap_options(options: dict) -> tuple[str, float]:
