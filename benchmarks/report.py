@@ -114,33 +114,43 @@ def table1_long(records: list[dict]) -> str:
 LEVELS = ("0.5", "0.6", "0.7", "2:4")
 
 
-def sparsity_table(records: list[dict], dense: list[dict]) -> str:
-    """benchmarks/sparsity.py rows (and Table 1's dense row): both WikiText-2 protocols, PTB, the zero-shot average,
-    and the spread of per-layer sparsity that mixed sparsity allocates."""
-    lines = ["| method | sparsity | per-layer sparsity | WikiText-2 (128) | WikiText-2 (2048) | PTB (128) | PTB (2048) | average | prune s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in dense:
-        lines.append(f"| dense | 0 | - | {r['ppl_128']['wikitext2']['ppl']:.2f} | {r['ppl_2048']['wikitext2']['ppl']:.2f} | "
-                     f"{r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | {100 * r['average']:.2f} | - |")
-    for r in sorted(records, key=lambda r: (LEVELS.index(r["level"]) if r["level"] in LEVELS else 99, r["method"])):
+def sparsity_table(records: list[dict]) -> str:
+    """benchmarks/sparsity.py rows (its own dense row first): both WikiText-2 protocols, PTB, the zero-shot average,
+    the spread of per-layer sparsity that mixed sparsity allocates, and each row's WikiText-2 (128) perplexity over
+    SparseGPT's at the same level (the paired comparison the mixed-sparsity paper makes)."""
+    lines = ["| method | sparsity | per-layer sparsity | WikiText-2 (128) | WikiText-2 (2048) | PTB (128) | PTB (2048) | average | "
+             "WikiText-2 (128) / SparseGPT's | prune s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    sparsegpt = {r["level"]: r["ppl_128"]["wikitext2"]["ppl"] for r in records if r["method"] == "sparsegpt"}
+    for r in sorted(records, key=lambda r: (LEVELS.index(r["level"]) if r["level"] in LEVELS else -1, r["method"])):
         layers: dict[str, list[float]] = defaultdict(list)
-        for name, value in r["per_matrix"].items():
+        for name, value in r.get("per_matrix", {}).items():
             layers[name.split(".")[2]].append(value)
         per_layer = [statistics.mean(v) for v in layers.values()]
-        lines.append(f"| {r['method']} | {r['level']} | {min(per_layer):.3f}–{max(per_layer):.3f} | {r['ppl_128']['wikitext2']['ppl']:.2f} | "
-                     f"{r['ppl_2048']['wikitext2']['ppl']:.2f} | {r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | "
-                     f"{100 * r['average']:.2f} | {r['prune_seconds']:.0f} |")
+        spread = f"{min(per_layer):.3f}–{max(per_layer):.3f}" if per_layer else "-"
+        wiki = r["ppl_128"]["wikitext2"]["ppl"]
+        ratio = f"{wiki / sparsegpt[r['level']]:.3f}" if r["level"] in sparsegpt else "-"
+        seconds = f"{r['prune_seconds']:.0f}" if "prune_seconds" in r else "-"
+        lines.append(f"| {r['method']} | {r['level']} | {spread} | {wiki:.2f} | {r['ppl_2048']['wikitext2']['ppl']:.2f} | "
+                     f"{r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | {100 * r['average']:.2f} | {ratio} | {seconds} |")
     return "\n".join(lines)
+
+
+HELD_OUT = {"wikitext2": "WikiText-2 validation", "c4": "C4 (the calibration file)"}
 
 
 def defaults_table(records: list[dict]) -> str:
     """benchmarks/choose_defaults.py: held-out calibration-corpus perplexity per option value (mean ± std over seeds)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
+    seen = set()
     for r in records:
+        measurement = json.dumps({k: v for k, v in r.items() if k not in ("seconds", "machine")}, sort_keys=True)
+        if measurement in seen:  # the same run appended twice counts once
+            continue
+        seen.add(measurement)
         groups[(r["method"], r["prune_args"], r["option"], r["held_out"], r["seq_len"], r["windows"], r["value"])].append(r["ppl"])
     lines = ["| method | prune flags | option | value | held-out text (windows x tokens) | seeds | held-out ppl |", "|---|---|---|---|---|---|---|"]
     for (method, args, option, held_out, seq_len, windows, value), ppl in groups.items():
-        lines.append(f"| {method} | `{args}` | --{option} | {value} | {held_out} validation ({windows} x {seq_len}) | {len(ppl)} | {cell(ppl)} |")
+        lines.append(f"| {method} | `{args}` | --{option} | {value} | {HELD_OUT.get(held_out, held_out)} ({windows} x {seq_len}) | {len(ppl)} | {cell(ppl)} |")
     return "\n".join(lines)
 
 
@@ -154,7 +164,7 @@ if __name__ == "__main__":
     sparse = load("sparsity.jsonl")
     if sparse:
         print("\n## Unstructured and N:M (SmolLM2-135M)\n")
-        print(sparsity_table(sparse, [r for r in rows if r["method"] == "dense"]))
+        print(sparsity_table(sparse))
     defaults = load("defaults.jsonl")
     if defaults:
         print("\n## Defaults chosen on calibration data\n")

@@ -6,7 +6,8 @@
 
 Calibration: `--samples` C4 windows of `--seq-len` tokens (the papers use 128 x 2048; the default 32 x 512 keeps
 one run to minutes on a 2-core CPU, and is stated in every row). Models go to runs/table1/MODEL/ beside Table 1's,
-one JSON line per evaluated model to benchmarks/results/sparsity.jsonl; the dense row is Table 1's.
+one JSON line per evaluated model to benchmarks/results/sparsity.jsonl, with its own dense row measured the same
+way (on the same machine, so a GPU run is paired with a GPU dense row).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> None:
                                               "achieved_sparsity": recipe["achieved_sparsity"], "prune_seconds": recipe["seconds"],
                                               "calibration": recipe["calibration"], "per_matrix": recipe["per_matrix"]})
 
+    attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "level": "0"})
     for level in args.levels.split(","):
         for method in args.methods.split(","):
             if method == "mixed" and ":" in level:

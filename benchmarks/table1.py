@@ -67,12 +67,12 @@ class Grid:
         print(f"[{time.strftime('%H:%M:%S')}] evaluating {info['name']}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         zs = _hywia("eval", "zeroshot", "--model", path, "--ppl", "--max-windows", str(a.windows_128), "--dtype", a.dtype,
-                    "--limit", str(a.limit), *self.common)
+                    "--limit", str(a.limit), "--device", a.device, *self.common)
         long = _hywia("eval", "ppl", "--model", path, "--data", "wikitext2", "ptb", "--protocol", "sparsegpt",
-                      "--max-windows", str(a.windows_2048), "--dtype", a.dtype, *self.common)
+                      "--max-windows", str(a.windows_2048), "--dtype", a.dtype, "--device", a.device, *self.common)
         record = {"key": key, **info, "params": zs["params"], "ppl_128": zs["ppl"], "ppl_2048": long["ppl"],
                   "zeroshot": zs["zeroshot"], "average": zs["average"], "limit": a.limit, "dtype": a.dtype,
-                  "eval_seconds": time.perf_counter() - start, "machine": machine()}
+                  "eval_seconds": time.perf_counter() - start, "machine": machine(a.device)}
         with self.results.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.done.add(key)
@@ -82,7 +82,8 @@ class Grid:
         out = self.work / folder
         if not out.is_dir():
             print(f"[{time.strftime('%H:%M:%S')}] pruning {label}", file=sys.stderr, flush=True)
-            _hywia("prune", "--model", self.args.model, *flags, "--seed", str(self.args.seed), "--out", str(out), *self.common)
+            _hywia("prune", "--model", self.args.model, *flags, "--seed", str(self.args.seed), "--out", str(out),
+                   "--device", self.args.device, *self.common)
         return {"path": str(out), **json.loads((out / "hywia.json").read_text())}
 
 
@@ -104,6 +105,7 @@ def arguments(doc: str, results: Path) -> argparse.ArgumentParser:
     parser.add_argument("--windows-128", type=int, default=200)
     parser.add_argument("--windows-2048", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", help="evaluation dtype")
+    parser.add_argument("--device", default="cpu", help="where pruning and evaluation run (cpu, cuda)")
     parser.add_argument("--work", type=Path, default=Path("runs") / "table1")
     parser.add_argument("--results", type=Path, default=results)
     return parser

@@ -42,8 +42,13 @@ def _hywia(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+def machine(device: str = "cpu") -> str:
+    """Where a figure was measured: the CPU always, and the accelerator when the work ran on one."""
+    cpu = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if not device.startswith("cuda"):
+        return cpu
+    import torch  # only here: the benchmark drivers that call machine() need no torch otherwise
+    return f"{torch.cuda.get_device_name(device)}, {cpu}"
 
 
 def _prune(row: Row, data_dir: str, out: str) -> dict:
