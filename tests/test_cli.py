@@ -46,6 +46,7 @@ def test_prune_then_eval(model_dir, text_dir, tmp_path, capsys):
     (["--ratio", "0.2", "--method", "taylor"], "unknown method"),
     (["--ratio", "0.2", "--calib", "/no/such/file.txt"], "unknown dataset"),
     (["--ratio", "0.2", "--data-dir", "/no/such/dir"], "data dir /no/such/dir does not exist"),
+    (["--ratio", "0.2", "--attention-unit", "heads"], "unknown --attention-unit 'heads'"),
 ])
 def test_bad_prune_inputs_are_one_line(model_dir, tmp_path, capsys, extra, message):
     code, _, err = run(capsys, "prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *extra)

@@ -13,11 +13,11 @@ from hywia.prune import allocate, remove_groups
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
 
 
-def masked_reference(dense, kept: dict[str, list[int]]):
+def masked_reference(dense, kept: dict[str, list[int]], unit: str = "kv"):
     """The dense model with every group that `kept` leaves out set to zero (weights and owned biases)."""
     ref = copy.deepcopy(dense)
     with torch.no_grad():
-        for s in find_groups(ref, "both"):
+        for s in find_groups(ref, "both", attention_unit=unit):
             key = f"{s.layer}.{s.kind}"
             if key not in kept:
                 continue
@@ -28,14 +28,14 @@ def masked_reference(dense, kept: dict[str, list[int]]):
     return ref
 
 
-def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: torch.Tensor):
+def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: torch.Tensor, unit: str = "kv"):
     """The dense model in which every removed input of o_proj / down_proj (a removed head's output, a removed
     channel's activation) is replaced by its mean over the calibration tokens: what bias compensation promises."""
     ref = copy.deepcopy(dense)
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [ref.get_submodule(name).register_forward_pre_hook(
         lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for s in find_groups(ref, "both") for name, (_, dim, _) in s.modules.items() if dim == 1]
+        for s in find_groups(ref, "both", attention_unit=unit) for name, (_, dim, _) in s.modules.items() if dim == 1]
     with torch.no_grad():
         ref(input_ids=calib_ids)
     for h in handles:
@@ -50,7 +50,7 @@ def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: tor
             return (x,)
         return hook
 
-    for s in find_groups(ref, "both"):
+    for s in find_groups(ref, "both", attention_unit=unit):
         gone = [g for g in range(s.count) if g not in kept.get(f"{s.layer}.{s.kind}", range(s.count))]
         name, (_, _, size) = next((n, m) for n, m in s.modules.items() if m[1] == 1)
         columns = [g * size + i for g in gone for i in range(size)]

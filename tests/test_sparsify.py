@@ -162,6 +162,7 @@ def test_every_registered_sparsifier_runs_on_a_tiny_model(calib_ids):
     (["--method", "wanda", "--sparsity", "0.5", "--scope", "layer"], "--scope does not apply"),
     (["--method", "element2", "--sparsity", "0.5"], "--sparsity does not apply to --method element2"),
     (["--method", "hywia", "--ratio", "0.2", "--pattern", "2:4"], "--pattern does not apply"),
+    (["--method", "sparsegpt", "--sparsity", "0.5", "--attention-unit", "query"], "--attention-unit does not apply"),
     (["--method", "element2"], "needs --ratio"),
     (["--method", "mixed", "--pattern", "2:4"], "N:M --pattern"),
 ])

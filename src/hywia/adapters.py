@@ -16,7 +16,7 @@ class Member:
 
     `dim` is the weight axis the structure occupies (0: output rows, 1: input columns). `unit` says how many rows
     or columns one group owns: "q" = the query heads of one KV head (n_rep * head_dim), "kv" = one head_dim,
-    "channel" = one MLP channel.
+    "head" = one query head (head_dim), "channel" = one MLP channel.
     """
 
     path: str
@@ -38,6 +38,14 @@ class Adapter:
         Member("mlp.up_proj", 0, "channel"),
         Member("mlp.down_proj", 1, "channel"),
     )
+    # single query heads inside their KV groups (`--attention-unit query`): the KV projections stay whole
+    query: tuple[Member, ...] = (
+        Member("self_attn.q_proj", 0, "head"),
+        Member("self_attn.o_proj", 1, "head"),
+    )
+    # where a layer's head counts are read from: query heads = rows of `q_rows` / head_dim, KV heads = rows of `kv_rows`
+    q_rows: str = "self_attn.q_proj"
+    kv_rows: str = "self_attn.k_proj"
 
 
 LLAMA_LIKE = Adapter()

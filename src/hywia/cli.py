@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                    "joint: one ranking of every group (default: joint for flap, layer for the others)")
     p.add_argument("--target", default=None, help="attention, mlp or both (default)")
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
+    p.add_argument("--attention-unit", default=None, help="kv: remove whole KV groups (default); query: remove query heads, "
+                   "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
+    p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
+                   "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
@@ -106,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize")
+STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
+                   "attention_unit", "compensate")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 
 
@@ -139,7 +144,8 @@ def _prune(args) -> dict:
     else:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
-        check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1)
+        check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1,
+                      args.attention_unit or "kv")
     data_dir(args.data_dir)
     if samples < 1 or seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
@@ -155,7 +161,8 @@ def _prune(args) -> dict:
         model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=calib, samples=samples,
                               seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
                               min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
-                              batch_size=batch_size, round_to=args.round_to or 1, **method_options)
+                              batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit or "kv",
+                              compensate=None if args.compensate is None else args.compensate == "yes", **method_options)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)

@@ -4,6 +4,11 @@ An attention group is one KV head with all the query heads that share it (groupe
 o_proj input columns those query heads feed; removing it keeps `num_attention_heads // num_key_value_heads`
 unchanged, so transformers' attention runs on the smaller layer as is. An MLP group is one channel: a row of
 gate_proj and up_proj and the matching column of down_proj.
+
+A query group (`attention_unit="query"`) is one query head: its q_proj rows and o_proj columns, the KV heads left
+whole. Its groups come in `blocks` runs, one per KV head, and are removed in balanced steps (the same number from
+every run), so every KV head of a layer keeps the same number of query heads and the layer stays one that
+grouped-query attention runs: its heads-per-KV-head simply drops.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from torch import nn
 from .adapters import Adapter, Member, adapter_for
 from .errors import HywiaError
 
-KINDS = ("attention", "mlp")
+KINDS = ("attention", "mlp", "query")
+ATTENTION_UNITS = {"kv": "attention", "query": "query"}  # --attention-unit -> the kind that stands for attention
 
 
 @dataclass
@@ -39,6 +45,7 @@ class LayerGroups:
     kind: str
     count: int
     modules: dict[str, tuple[nn.Linear, int, int]]  # full module name -> (module, dim, size)
+    blocks: int = 1  # groups form `blocks` equal runs and leave in balanced steps (query heads: one run per KV head)
 
     @property
     def slots(self) -> list[Slot]:
@@ -64,22 +71,30 @@ class LayerGroups:
         return self.member_sums(per_weight).sum(1)
 
 
-def _unit_sizes(config) -> dict[str, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    return {"q": n_rep * head_dim, "kv": head_dim, "channel": 1}
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _layer_groups(model: nn.Module, prefix: str, layer: int, kind: str, members: tuple[Member, ...], units) -> LayerGroups:
+def head_counts(model: nn.Module, prefix: str, adapter: Adapter) -> tuple[int, int]:
+    """(query heads, KV heads) of the layer at `prefix`, read off its weights (layers may differ after pruning)."""
+    size = head_dim(model.config)
+    return (model.get_submodule(f"{prefix}.{adapter.q_rows}").out_features // size,
+            model.get_submodule(f"{prefix}.{adapter.kv_rows}").out_features // size)
+
+
+def _layer_groups(model: nn.Module, prefix: str, layer: int, kind: str, adapter: Adapter) -> LayerGroups:
+    n_heads, n_kv = head_counts(model, prefix, adapter)
+    size = head_dim(model.config)
+    units = {"q": n_heads // max(n_kv, 1) * size, "kv": size, "head": size, "channel": 1}
     modules = {}
-    for member in members:
+    for member in getattr(adapter, kind):
         name = f"{prefix}.{member.path}"
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise HywiaError(f"{name} is a {type(module).__name__}, not a Linear; load the model unquantized (dtype float32 or bfloat16)")
         modules[name] = (module, member.dim, units[member.unit])
-    module, dim, size = next(iter(modules.values()))
-    return LayerGroups(layer, kind, module.weight.shape[dim] // size, modules)
+    module, dim, unit = next(iter(modules.values()))
+    return LayerGroups(layer, kind, module.weight.shape[dim] // unit, modules, blocks=n_kv if kind == "query" else 1)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> range:
@@ -96,17 +111,16 @@ def parse_layers(spec: str | None, n_layers: int) -> range:
     return picked
 
 
-def find_groups(model: nn.Module, target: str = "both", layers: str | None = None) -> list[LayerGroups]:
-    """Every prunable LayerGroups of `model`, for `target` in attention|mlp|both, over `layers` 'START:END' (default all)."""
+def find_groups(model: nn.Module, target: str = "both", layers: str | None = None, attention_unit: str = "kv") -> list[LayerGroups]:
+    """Every prunable LayerGroups of `model`, for `target` in attention|mlp|both, over `layers` 'START:END' (default all);
+    attention is pruned by whole KV groups (`attention_unit="kv"`) or by single query heads ("query")."""
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
+    if attention_unit not in ATTENTION_UNITS:
+        raise HywiaError(f"unknown attention unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     adapter: Adapter = adapter_for(model.config)
-    units = _unit_sizes(model.config)
     blocks = model.get_submodule(adapter.layers)
-    kinds = KINDS if target == "both" else (target,)
-    found = []
-    for layer in parse_layers(layers, len(blocks)):
-        prefix = f"{adapter.layers}.{layer}"
-        for kind in kinds:
-            found.append(_layer_groups(model, prefix, layer, kind, getattr(adapter, kind), units))
-    return found
+    attention = ATTENTION_UNITS[attention_unit]
+    kinds = {"both": (attention, "mlp"), "attention": (attention,), "mlp": ("mlp",)}[target]
+    return [_layer_groups(model, f"{adapter.layers}.{layer}", layer, kind, adapter)
+            for layer in parse_layers(layers, len(blocks)) for kind in kinds]

@@ -21,11 +21,13 @@ from torch import nn
 
 from .data import calibration_ids
 from .errors import HywiaError
-from .grouping import LayerGroups, find_groups
+from .adapters import adapter_for
+from .grouping import ATTENTION_UNITS, LayerGroups, find_groups, head_counts
+from .remote import sync_head_counts
 from .importance import Criterion, Scores, Stats, collect_inputs, collect_stats, get_criterion
 
 # transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
-MIN_KEEP_FLOOR = {"attention": 1, "mlp": 0}
+MIN_KEEP_FLOOR = {"attention": 1, "query": 1, "mlp": 0}
 SCOPES = ("layer", "global", "joint")
 
 
@@ -79,8 +81,10 @@ def _check_ratio_and_scope(ratio: float, scope: str) -> None:
 
 
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
-                  round_to: int = 1) -> None:
+                  round_to: int = 1, attention_unit: str = "kv") -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
+    if attention_unit not in ATTENTION_UNITS:
+        raise HywiaError(f"unknown --attention-unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     if round_to < 1:
         raise HywiaError(f"--round-to {round_to} must be at least 1")
     criterion = get_criterion(method, method_options)
@@ -89,10 +93,36 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
 
 
+@dataclass
+class _Steps:
+    """A balanced LayerGroups as the allocator sees it: step j removes the j-th lowest-scored group of every block
+    and scores their sum, so n steps leave every block (every KV group) the same number of groups."""
+
+    layer: int
+    kind: str
+    count: int  # steps: groups per block
+    params_per_group: int  # parameters of one step: one group from every block
+    order: torch.Tensor  # [blocks, count] group ids of each block, lowest score first
+    blocks: int = 1
+
+
+def _balanced(s: LayerGroups, score: torch.Tensor) -> tuple[_Steps, torch.Tensor]:
+    per_block = score.reshape(s.blocks, -1)
+    values, order = per_block.sort(dim=1, stable=True)
+    order = order + per_block.shape[1] * torch.arange(s.blocks)[:, None]
+    return _Steps(s.layer, s.kind, per_block.shape[1], s.blocks * s.params_per_group, order), values.sum(0)
+
+
 def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, scope: str = "layer",
              min_keep: int = 1, layer_ratios: dict[int, float] | None = None) -> list[torch.Tensor]:
     """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters.
-    With `layer_ratios` (scope "layer"), layer L removes layer_ratios[L] of its own parameters instead."""
+    With `layer_ratios` (scope "layer"), layer L removes layer_ratios[L] of its own parameters instead.
+    Balanced sets (query heads) are allocated in steps, one group from every block at a time (`_Steps`)."""
+    if any(s.blocks > 1 for s in sets):
+        views = [_balanced(s, score) if s.blocks > 1 else (s, score) for s, score in zip(sets, scores)]
+        steps = allocate([v for v, _ in views], [t for _, t in views], ratio, scope, min_keep, layer_ratios)
+        # steps leave in score order, so n removed steps are the first n of every block's ranking
+        return [v.order[:, :len(r)].flatten().sort().values if isinstance(v, _Steps) else r for (v, _), r in zip(views, steps)]
     _check_ratio_and_scope(ratio, scope)
     floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
     if scope == "joint":
@@ -222,21 +252,18 @@ def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch
             setattr(model.get_submodule(parent), child, new)
             added_bias = shift is not None or len(shapes.get(name, ())) > 2
             shapes[name] = [new.out_features, new.in_features] + ([True] if added_bias else [])
+    sync_head_counts(model)
     record_widths(model, shapes)
 
 
 def layer_widths(model: nn.Module) -> list[dict]:
     """Per-layer widths read off the modules: query heads, KV heads, MLP channels."""
-    config = model.config
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    widths: dict[int, dict] = {}
-    for s in find_groups(model, "both"):
-        row = widths.setdefault(s.layer, {"layer": s.layer})
-        if s.kind == "attention":
-            row.update(num_attention_heads=s.count * n_rep, num_key_value_heads=s.count)
-        else:
-            row["intermediate_size"] = s.count
-    return [widths[i] for i in sorted(widths)]
+    adapter = adapter_for(model.config)
+    widths = []
+    for s in find_groups(model, "mlp"):
+        n_heads, n_kv = head_counts(model, f"{adapter.layers}.{s.layer}", adapter)
+        widths.append({"layer": s.layer, "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": s.count})
+    return widths
 
 
 def record_widths(model: nn.Module, shapes: dict[str, list[int]]) -> None:
@@ -275,15 +302,16 @@ def _peak_rss_mb() -> float:
 
 
 def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
-                      seed: int, batch_size: int) -> Stats:
-    """The statistics `criterion` needs, and only those: no backward pass for a criterion that needs none."""
+                      seed: int, batch_size: int, compensate: bool = False) -> Stats:
+    """The statistics `criterion` needs (and input means to `compensate` with), only those: no backward pass for a
+    criterion that needs none."""
     stats = Stats(seed=seed)
     if criterion.needs_grad or criterion.needs_fisher:
         names = {slot.name for s in sets for slot in s.slots}
         per_sample = (lambda grads, scale: criterion.per_sample(sets, grads, scale)) if criterion.per_sample else None
         stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher or per_sample is not None,
                               batch_size=batch_size, seed=seed, per_sample=per_sample)
-    if criterion.needs_inputs or criterion.compensates:
+    if criterion.needs_inputs or compensate:
         readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
         stats.inputs = collect_inputs(model, samples, readers, batch_size)
     return stats
@@ -292,7 +320,7 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
 def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
                  seed: int, batch_size: int, options: dict | None = None) -> Scores:
     """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
-    stats = calibration_stats(model, sets, criterion, samples, seed, batch_size)
+    stats = calibration_stats(model, sets, criterion, samples, seed, batch_size, criterion.compensates)
     with torch.no_grad():
         return criterion.score(sets, stats, options or {})
 
@@ -322,41 +350,48 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
-          data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, **method_options) -> tuple[nn.Module, PruneReport]:
+          data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str = "kv",
+          compensate: bool | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
     `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`
     (default: the method's own, `joint` for flap and `layer` for the others).
     `round_to` rounds every layer's kept MLP channels to a multiple of it (`round_kept`).
+    `attention_unit` prunes attention by whole KV groups ("kv") or by query heads, balanced per KV group ("query").
+    `compensate` folds the removed inputs' calibration means into output biases (default: the criterion's own
+    choice, True for flap only); any criterion can use it, the means cost one forward pass.
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
-    check_options(method, ratio, scope, target, method_options, round_to)
+    check_options(method, ratio, scope, target, method_options, round_to, attention_unit)
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
-    sets = find_groups(model, target, layers)
+    sets = find_groups(model, target, layers, attention_unit)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
     ids, calib_record = None, {"samples": 0}
     if criterion.needs_data:
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
-    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size)
+    compensate = criterion.compensates if compensate is None else compensate
+    if compensate and not criterion.needs_data:
+        ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
+    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate)
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio})
     removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
-    extra: dict = {"options": method_options, "round_to": round_to}
+    extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate}
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     kept = {f"{s.layer}.{s.kind}": _kept(s.count, r) for s, r in zip(sets, removed)}
-    means = {name: moments.mean for name, moments in stats.inputs.items()} if criterion.compensates else None
+    means = {name: moments.mean for name, moments in stats.inputs.items()} if compensate else None
     remove_groups(model, sets, removed, means)
-    after_sets = find_groups(model, target, layers)
+    after_sets = find_groups(model, target, layers, attention_unit)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)
     per_layer = [{"layer": s.layer, "kind": s.kind, "groups": s.count, "params_before": before_layer[(s.layer, s.kind)],
                   "params_after": s.count * s.params_per_group} for s in after_sets]
