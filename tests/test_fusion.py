@@ -127,3 +127,48 @@ def test_bad_fusion_options(options, message, calib_ids):
 def test_fusion_options_refused_for_other_methods(calib_ids):
     with pytest.raises(HywiaError, match="--alpha does not apply to --method element2"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, alpha=0.5)
+
+
+def _mlp_set_and_moments(calib_ids):
+    from hywia.importance import collect_inputs
+    model = tiny_model()
+    s = find_groups(model, "mlp")[1]
+    reader = next(n for n, m in s.modules.items() if m[1] == 1)
+    return s, collect_inputs(model, calib_ids, {reader}, outer=True)[reader]
+
+
+def test_output_error_is_the_measured_error_of_dropping_columns(calib_ids):
+    from hywia.methods.hywia import output_error
+    s, moments = _mlp_set_and_moments(calib_ids)
+    gone = torch.tensor([3, 7, 20])
+    down = next(m for m, dim, _ in s.modules.values() if dim == 1)
+    # measure it directly: the down_proj output with and without those input columns, over the calibration tokens
+    x = torch.randn(500, down.in_features, dtype=torch.float64) + 0.3
+    direct = (x[:, gone] @ down.weight.detach().double()[:, gone].T).square().sum(1).mean().item()
+    empirical = type(moments)(outer=True)
+    empirical.add(x)
+    assert output_error(s, gone, empirical, centred=False) == pytest.approx(direct, rel=1e-9)
+    assert output_error(s, gone, moments, centred=True) < output_error(s, gone, moments, centred=False)
+
+
+@pytest.mark.parametrize("right", ["fine", "coarse"])
+def test_evidence_alpha_follows_the_granularity_that_predicts_the_error(right, calib_ids):
+    from hywia.methods.hywia import evidence_alpha, output_error
+    s, moments = _mlp_set_and_moments(calib_ids)
+    truth = torch.tensor([output_error(s, torch.tensor([g]), moments, centred=False) for g in range(s.count)], dtype=torch.float32)
+    good, bad = normalise(truth, "rank"), normalise(-truth, "rank")
+    fine, coarse = (good, bad) if right == "fine" else (bad, good)
+    alpha = evidence_alpha(s, fine, coarse, moments, 0.3, centred=False)
+    assert alpha > 0.5 if right == "fine" else alpha < 0.5  # (0.75 and 1 may cut the same set: the tie goes nearer 0.5)
+
+
+@pytest.mark.parametrize("unit", ["kv", "query"])
+def test_evidence_fusion_prunes_to_the_masked_dense_model(unit, calib_ids):
+    from hywia.methods.hywia import ALPHAS
+    from test_prune import logits, masked_reference
+    dense = tiny_model()
+    pruned, report = prune(copy.deepcopy(dense), method="hywia", ratio=0.4, calib=calib_ids, fusion="evidence", attention_unit=unit)
+    for alpha in report.scores["alpha"].values():  # one alpha per layer and kind, from the candidates
+        assert len(set(alpha.tolist())) == 1 and alpha[0].item() in ALPHAS
+    assert report.calibration["heldout_seed"] != report.seed
+    assert (logits(pruned) - logits(masked_reference(dense, report.kept, unit))).abs().max().item() < 1e-4

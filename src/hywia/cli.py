@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration batch (default 4 structured, 1 unstructured)")
-    p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model) or fixed")
+    p.add_argument("--fusion", default=None, help="hywia only: attention (default: the untrained attention fusion model), fixed, "
+                   "or evidence (alpha per layer and kind chosen on held-out calibration windows, docs/method.md)")
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
     p.add_argument("--normalize", default=None, help="hywia, saap: rank (default) or mean, how fine and coarse scores are put on one scale")

@@ -36,12 +36,22 @@ class Moments:
     count: int = 0
     total: torch.Tensor | float = 0.0
     squares: torch.Tensor | float = 0.0
+    outer: bool = False  # also keep the full second moment X^T X (feature x feature)
+    cross: torch.Tensor | float = 0.0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         self.count += len(x)
         self.total = self.total + x.sum(0)
         self.squares = self.squares + x.square().sum(0)
+        if self.outer:
+            self.cross = self.cross + x.T @ x
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x x^T] over the observations (needs outer=True): the expected squared output error of dropping input
+        columns R of a Linear W is tr(W_R E[x_R x_R^T] W_R^T)."""
+        return self.cross / self.count
 
     @property
     def mean(self) -> torch.Tensor:
@@ -62,6 +72,7 @@ class Stats:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: dict[str, Moments] = field(default_factory=dict)
     samples: dict[str, Moments] = field(default_factory=dict)
+    heldout: dict[str, Moments] = field(default_factory=dict)  # output projections' inputs on a second calibration draw
     seed: int = 0
 
 
@@ -83,7 +94,9 @@ class Criterion:
     (the default when none is asked for); `compensates` asks removal to fold the calibration mean of every removed
     input column into the output bias (FLAP's bias compensation). `per_sample(sets, grads, scale)` maps one
     sample's gradients (param name -> gradient, times `scale`) to named per-group values [total groups], whose
-    moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`."""
+    moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
+    `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
+    output projection on a second, disjoint draw of calibration windows (evidence for choosing among scorings)."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
@@ -94,6 +107,7 @@ class Criterion:
     scope: str = "layer"
     compensates: bool = False
     per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
+    heldout: Callable[[dict], bool] | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -152,9 +166,11 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     return stats
 
 
-def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4) -> dict[str, Moments]:
-    """Moments of each named Linear's input features over all calibration tokens (forward passes only)."""
-    moments = {name: Moments() for name in module_names}
+def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4,
+                   outer: bool = False) -> dict[str, Moments]:
+    """Moments of each named Linear's input features over all calibration tokens (forward passes only); `outer`
+    keeps each one's full second moment too."""
+    moments = {name: Moments(outer=outer) for name in module_names}
     handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
                for name in module_names]
     was_training = model.training

@@ -317,6 +317,18 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
     return stats
 
 
+HELDOUT_SEED = 1_000_003  # the held-out draw uses seed + this, so it never repeats the calibration draw's seed
+
+
+def heldout_moments(model: nn.Module, tokenizer, sets: list[LayerGroups], calib: str | torch.Tensor, samples: int,
+                    seq_len: int, seed: int, data_dir: str | None, batch_size: int) -> dict:
+    """Full input second moments of every output projection (o_proj, down_proj) on a second draw of calibration
+    windows (the same tensor when calibration came as ids), for criteria that weigh evidence on held-out data."""
+    ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed + HELDOUT_SEED, data_dir)
+    readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
+    return collect_inputs(model, ids, readers, batch_size, outer=True)
+
+
 def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
                  seed: int, batch_size: int, options: dict | None = None) -> Scores:
     """Per-group scores of every LayerGroups under `criterion` (statistics collected only if it needs them)."""
@@ -379,8 +391,11 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     if compensate and not criterion.needs_data:
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate)
+    if criterion.heldout is not None and criterion.heldout(method_options):
+        stats.heldout, calib_record["heldout_seed"] = heldout_moments(model, tokenizer, sets, calib, samples, seq_len, seed,
+                                                                      data_dir, batch_size), seed + HELDOUT_SEED
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
-        scores = criterion.score(sets, stats, {**method_options, "ratio": ratio})
+        scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
     removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate}
     if scores.layer_ratios:

@@ -10,6 +10,11 @@ instead (the first reading, kept for comparison: on SmolLM2 the heavy tail of El
 choices under it). The fused score is alpha * fine + (1 - alpha) * coarse, with a per-group alpha from
 `AttentionFusion` (or a fixed one). The reading of the paper's Algorithm 1 behind `AttentionFusion`, the
 normalisation, and why, are in docs/method.md.
+
+`fusion="evidence"` chooses one alpha per layer and kind from ALPHAS by evidence instead: the alpha whose fused
+ranking, cut at the layer's share, removes the groups whose loss the layer's output feels least on a held-out draw
+of calibration windows (the expected squared error of the output projection, tr(W_R E[x_R x_R^T] W_R^T), centred
+when removal compensates with the means). It costs one forward pass and a few small matrix products per layer.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ import torch
 from ..errors import HywiaError
 from ..fusion import NORMALISATIONS, AttentionFusion, normalise_per_kind
 from ..grouping import LayerGroups
-from ..importance import Criterion, Scores, Stats, register
+from ..importance import Criterion, Moments, Scores, Stats, register
+
+FUSIONS = ("attention", "fixed", "evidence")
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # evidence fusion's candidates: coarse only ... fine only
 
 
 def granularities(s: LayerGroups, stats: Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,10 +39,10 @@ def granularities(s: LayerGroups, stats: Stats) -> tuple[torch.Tensor, torch.Ten
 def fusion_options(options: dict) -> tuple[str, float, int, str]:
     """(fusion, fixed alpha, d_model, normalize) from the user's options, refusing bad values before any work."""
     fusion = options.get("fusion", "attention")
-    if fusion not in ("attention", "fixed"):
-        raise HywiaError(f"unknown fusion '{fusion}': use attention or fixed")
+    if fusion not in FUSIONS:
+        raise HywiaError(f"unknown fusion '{fusion}': use {', '.join(FUSIONS)}")
     fixed_alpha = options.get("alpha")
-    if fusion == "attention" and fixed_alpha is not None:
+    if fusion != "fixed" and fixed_alpha is not None:
         raise HywiaError("--alpha sets a fixed fusion weight: pass it with --fusion fixed")
     fixed_alpha = 0.5 if fixed_alpha is None else float(fixed_alpha)
     if not 0 <= fixed_alpha <= 1:
@@ -46,6 +54,34 @@ def fusion_options(options: dict) -> tuple[str, float, int, str]:
     if normalize not in NORMALISATIONS:
         raise HywiaError(f"unknown --normalize '{normalize}': use {' or '.join(NORMALISATIONS)}")
     return fusion, fixed_alpha, d_model, normalize
+
+
+def output_error(s: LayerGroups, gone: torch.Tensor, moments: Moments, centred: bool) -> float:
+    """Expected squared error of the layer's output projection when the input columns of groups `gone` are dropped
+    (or, `centred`, replaced by their calibration means)."""
+    name, (module, _, size) = next((n, m) for n, m in s.modules.items() if m[1] == 1)
+    columns = (gone[:, None] * size + torch.arange(size)).flatten()
+    second = moments.second_moment.cpu()[columns][:, columns]
+    if centred:
+        mean = moments.mean.cpu()[columns]
+        second = second - torch.outer(mean, mean)
+    w = module.weight.detach().double()[:, columns.to(module.weight.device)].cpu()
+    return ((w @ second) * w).sum().item()
+
+
+def lowest_groups(s: LayerGroups, score: torch.Tensor, share: float) -> torch.Tensor:
+    """The groups a ranking by `score` removes at `share` of the layer's groups (balanced sets: per block)."""
+    per_block = score.reshape(s.blocks, -1)
+    n = min(max(1, round(share * per_block.shape[1])), per_block.shape[1] - 1) if per_block.shape[1] > 1 else 0
+    order = per_block.argsort(dim=1, stable=True)[:, :n]
+    return (order + per_block.shape[1] * torch.arange(s.blocks)[:, None]).flatten()
+
+
+def evidence_alpha(s: LayerGroups, fine: torch.Tensor, coarse: torch.Tensor, moments: Moments, share: float,
+                   centred: bool) -> float:
+    """The alpha of ALPHAS whose fused ranking removes what the layer's output misses least (ties: nearest 0.5)."""
+    errors = {a: output_error(s, lowest_groups(s, a * fine + (1 - a) * coarse, share), moments, centred) for a in ALPHAS}
+    return min(ALPHAS, key=lambda a: (errors[a], abs(a - 0.5)))
 
 
 def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
@@ -64,6 +100,10 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
         f_scale, c_scale = scale[(s.kind, 2)], scale[(s.kind, 3)]
         if fusion == "fixed":
             alpha = torch.full_like(fine, fixed_alpha)
+        elif fusion == "evidence":
+            reader = next(n for n, m in s.modules.items() if m[1] == 1)
+            share = float(options["ratio"])
+            alpha = torch.full_like(fine, evidence_alpha(s, fine, coarse, stats.heldout[reader], share, bool(options.get("compensate"))))
         else:
             if s.kind not in models:  # one model per kind: alphas of different layers are comparable
                 models[s.kind] = AttentionFusion(fine_parts.shape[1], d_model, stats.seed * 2 + (s.kind == "mlp"))
@@ -76,4 +116,4 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
 
 
 register("hywia", Criterion(fuse, needs_grad=True, needs_fisher=True, options=("fusion", "alpha", "fusion_dim", "normalize"),
-                            check=fusion_options))
+                            check=fusion_options, heldout=lambda options: options.get("fusion") == "evidence"))
