@@ -264,3 +264,17 @@ def test_round_to_keeps_a_multiple_of_mlp_channels_and_the_best_of_them(multiple
 def test_round_to_must_be_positive(calib_ids):
     with pytest.raises(HywiaError, match="--round-to 0"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, round_to=0)
+
+
+def test_reused_statistics_give_the_same_pruning(calib_ids):
+    from hywia.importance import Stats
+    shared = Stats(seed=2)
+    _, first = prune(tiny_model(), method="hywia", ratio=0.3, calib=calib_ids, seed=2, stats=shared, fusion="fixed")
+    grads = dict(shared.grad)
+    _, again = prune(tiny_model(), method="hywia", ratio=0.3, calib=calib_ids, seed=2, stats=shared, fusion="fixed")
+    _, element2 = prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, seed=2, stats=shared)
+    _, fresh = prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, seed=2)
+    assert all(shared.grad[name] is grads[name] for name in grads)  # collected once
+    assert again.kept == first.kept and element2.kept == fresh.kept
+    with pytest.raises(HywiaError, match="seed 2 cannot be reused for seed 3"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, seed=3, stats=shared)

@@ -302,16 +302,17 @@ def _peak_rss_mb() -> float:
 
 
 def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
-                      seed: int, batch_size: int, compensate: bool = False) -> Stats:
+                      seed: int, batch_size: int, compensate: bool = False, have: Stats | None = None) -> Stats:
     """The statistics `criterion` needs (and input means to `compensate` with), only those: no backward pass for a
-    criterion that needs none."""
-    stats = Stats(seed=seed)
-    if criterion.needs_grad or criterion.needs_fisher:
-        names = {slot.name for s in sets for slot in s.slots}
+    criterion that needs none. Parts already in `have` (filled in place) are not collected again."""
+    stats = have if have is not None else Stats(seed=seed)
+    fisher = criterion.needs_fisher or criterion.per_sample is not None
+    names = {slot.name for s in sets for slot in s.slots}
+    if (criterion.needs_grad or fisher) and not (names <= set(stats.grad) and (names <= set(stats.fisher) or not fisher)):
         per_sample = (lambda grads, scale: criterion.per_sample(sets, grads, scale)) if criterion.per_sample else None
-        stats = collect_stats(model, samples, names, fisher=criterion.needs_fisher or per_sample is not None,
-                              batch_size=batch_size, seed=seed, per_sample=per_sample)
-    if criterion.needs_inputs or compensate:
+        collected = collect_stats(model, samples, names, fisher=fisher, batch_size=batch_size, seed=seed, per_sample=per_sample)
+        stats.grad, stats.fisher, stats.samples = collected.grad, collected.fisher, collected.samples
+    if (criterion.needs_inputs or compensate) and not stats.inputs:
         readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
         stats.inputs = collect_inputs(model, samples, readers, batch_size)
     return stats
@@ -363,7 +364,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str = "kv",
-          compensate: bool | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
+          compensate: bool | None = None, stats: Stats | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
@@ -373,6 +374,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     `attention_unit` prunes attention by whole KV groups ("kv") or by query heads, balanced per KV group ("query").
     `compensate` folds the removed inputs' calibration means into output biases (default: the criterion's own
     choice, True for flap only); any criterion can use it, the means cost one forward pass.
+    `stats`, an empty `Stats(seed=seed)` or one a previous call filled, is filled in place and reused: a comparison of
+    several options of one criterion on one dense model and calibration draw collects gradients once (the caller
+    keeps model, calibration and seed the same; a per-sample criterion like SAAP's needs its own).
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
@@ -390,10 +394,13 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     compensate = criterion.compensates if compensate is None else compensate
     if compensate and not criterion.needs_data:
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
-    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate)
-    if criterion.heldout is not None and criterion.heldout(method_options):
-        stats.heldout, calib_record["heldout_seed"] = heldout_moments(model, tokenizer, sets, calib, samples, seq_len, seed,
-                                                                      data_dir, batch_size), seed + HELDOUT_SEED
+    if stats is not None and stats.seed != seed:
+        raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
+    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats)
+    if criterion.heldout is not None and criterion.heldout(method_options) and not stats.heldout:
+        stats.heldout = heldout_moments(model, tokenizer, sets, calib, samples, seq_len, seed, data_dir, batch_size)
+    if stats.heldout:
+        calib_record["heldout_seed"] = seed + HELDOUT_SEED
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
     removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)

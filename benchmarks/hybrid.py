@@ -1,0 +1,86 @@
+"""Issue 11: each ingredient of hywia's own method, paired against the one before it, next to the baselines it
+has to beat (Element² at 20%, FLAP with per-layer allocation at 50%), over calibration seeds, no recovery.
+
+    HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
+    python benchmarks/report.py          # the tables in docs/RESULTS.md
+
+Per model and seed the dense model is loaded once and the calibration statistics (gradients, Fisher, input
+moments, the held-out draw) are collected once and shared by every configuration (`prune(stats=...)`), so a
+configuration costs its scoring, removal and evaluation only. Each pruned model is scored on two texts:
+`heldout` (WikiText-2 *validation*, the calibration corpus: the one that may choose a configuration) and `test`
+(WikiText-2 test: reported, never used to choose). One JSON line per (model, seed, ratio, configuration) goes to
+benchmarks/results/hybrid.jsonl, with prune seconds and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hywia import load_model, perplexity, prune  # noqa: E402
+from hywia.bench import machine  # noqa: E402
+from hywia.importance import Stats  # noqa: E402
+from hywia.prune import _peak_rss_mb  # noqa: E402
+
+# name -> prune keyword arguments; the order is the ingredient chain (each row adds one thing to the row before)
+CONFIGS = {
+    "element2": {"method": "element2"},
+    "flap (layer scope)": {"method": "flap", "scope": "layer"},
+    "hywia (paper: attention fusion)": {"method": "hywia"},
+    "+ evidence fusion": {"method": "hywia", "fusion": "evidence"},
+    "+ query heads": {"method": "hywia", "fusion": "evidence", "attention_unit": "query"},
+    "+ compensation": {"method": "hywia", "fusion": "evidence", "attention_unit": "query", "compensate": True},
+    "element2 + query heads + compensation": {"method": "element2", "attention_unit": "query", "compensate": True},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
+    parser.add_argument("--windows", type=int, default=100, help="128-token windows of each text (the first N)")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "hybrid.jsonl")
+    args = parser.parse_args()
+    done = {json.loads(l)["key"] for l in args.results.read_text().splitlines()} if args.results.exists() else set()
+    heldout_text = str(Path(args.data_dir) / "wikitext2" / "wiki.valid.raw")
+    for name in args.models.split(","):
+        dense, tokenizer = load_model(name)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            stats = Stats(seed=seed)
+            for ratio in [float(r) for r in args.ratios.split(",")]:
+                for config in args.configs.split(","):
+                    key = json.dumps({"model": name, "seed": seed, "ratio": ratio, "config": config, "windows": args.windows}, sort_keys=True)
+                    if key in done:
+                        continue
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} {ratio:.0%} {config}", file=sys.stderr, flush=True)
+                    shared = bool(stats.grad)  # later configurations of a seed reuse the gradients the first one collected
+                    start = time.perf_counter()
+                    model, report = prune(copy.deepcopy(dense), tokenizer, ratio=ratio, seed=seed, data_dir=args.data_dir,
+                                          stats=stats, **CONFIGS[config])
+                    seconds = time.perf_counter() - start
+                    model = model.to(torch.bfloat16)
+                    ppl = {text: perplexity(model, tokenizer, data, seq_len=128, max_windows=args.windows, data_dir=args.data_dir).ppl
+                           for text, data in (("heldout", heldout_text), ("test", "wikitext2"))}
+                    alphas = {k: round(v[0].item(), 2) for k, v in report.scores.get("alpha", {}).items()} if config.startswith("+") else {}
+                    row = {"key": key, "model": name, "seed": seed, "ratio": ratio, "config": config, "options": CONFIGS[config],
+                           "achieved_ratio": report.achieved_ratio, "params_after": report.params_after, "ppl": ppl,
+                           "alphas": alphas, "prune_seconds": seconds, "shared_stats": shared, "process_peak_rss_mb": _peak_rss_mb(),
+                           "windows": args.windows, "machine": machine()}
+                    with args.results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done.add(key)
+                    del model
+
+
+if __name__ == "__main__":
+    main()
