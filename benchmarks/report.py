@@ -135,6 +135,38 @@ def sparsity_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def hybrid_table(records: list[dict]) -> str:
+    """benchmarks/hybrid.py: per model and ratio, each configuration's WikiText-2 test and held-out (validation) ppl
+    over seeds, its per-seed ratio to the row before it (the ingredient it adds) and to the baseline to beat."""
+    baseline = {0.2: "element2", 0.5: "flap (layer scope)"}
+    by = {(r["model"], r["ratio"], r["config"], r["seed"]): r for r in records}
+    lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / row above (test, per seed) | / baseline (test, per seed) | alphas (attention; MLP) | prune s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, ratio in sorted({(r["model"], r["ratio"]) for r in records}):
+        configs = list(dict.fromkeys(r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)))
+        previous = None
+        for config in configs:
+            rows = [by[k] for k in sorted(by) if k[:3] == (model, ratio, config)]
+            seeds = [r["seed"] for r in rows]
+
+            def ratios(other: str | None) -> str:
+                pairs = [by[(model, ratio, config, s)]["ppl"]["test"] / by[(model, ratio, other, s)]["ppl"]["test"]
+                         for s in seeds if other and (model, ratio, other, s) in by]
+                return ", ".join(f"{x:.3f}" for x in pairs) if pairs and other != config else "-"
+
+            alphas = [v for r in rows for v in r.get("alphas", {}).items()]
+            attention = [a for k, a in alphas if not k.endswith("mlp")]
+            mlp = [a for k, a in alphas if k.endswith("mlp")]
+            alpha_text = f"{statistics.mean(attention):.2f}; {statistics.mean(mlp):.2f}" if attention and mlp else "-"
+            unshared = [r["prune_seconds"] for r in rows if not r.get("shared_stats")]
+            seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
+            chained = previous if config.startswith("+") else None
+            lines.append(f"| {model} | {ratio:.0%} | {config} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
+                         f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {alpha_text} | {seconds} |")
+            previous = config
+    return "\n".join(lines)
+
+
 HELD_OUT = {"wikitext2": "WikiText-2 validation", "c4": "C4 (the calibration file)"}
 
 
@@ -165,6 +197,10 @@ if __name__ == "__main__":
     if sparse:
         print("\n## Unstructured and N:M (SmolLM2-135M)\n")
         print(sparsity_table(sparse))
+    hybrid = load("hybrid.jsonl")
+    if hybrid:
+        print("\n## HyWIA's own method, ingredient by ingredient\n")
+        print(hybrid_table(hybrid))
     defaults = load("defaults.jsonl")
     if defaults:
         print("\n## Defaults chosen on calibration data\n")
@@ -174,6 +210,11 @@ if __name__ == "__main__":
         from hywia.speed import markdown
         print("\n## Speed\n")
         print(markdown(speed[-10:]))  # the latest run: five models at batch 1 and 8
+    saap_speed = load("speed_saap.jsonl")
+    if saap_speed:
+        from hywia.speed import markdown
+        print("\n## Speed of SAAP 20% against dense and Element2 20%\n")
+        print(markdown(saap_speed))
     quality = load("smollm2.jsonl")
     print("## Baselines, 10 calibration samples\n")
     print(quality_table([r for r in quality if r["row"]["method"] != "hywia"], 10))
