@@ -214,7 +214,7 @@ if __name__ == "__main__":
     if saap_speed:
         from hywia.speed import markdown
         print("\n## Speed of SAAP 20% against dense and Element2 20%\n")
-        print(markdown(saap_speed))
+        print(markdown(saap_speed) + "\n")
     quality = load("smollm2.jsonl")
     print("## Baselines, 10 calibration samples\n")
     print(quality_table([r for r in quality if r["row"]["method"] != "hywia"], 10))
