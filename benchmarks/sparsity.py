@@ -25,22 +25,27 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--levels", default=",".join(LEVELS))
+    parser.add_argument("--wbits", type=int, default=None, help="also quantize the kept weights (sparsegpt, mixed)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (a further seed of a grid that has it)")
     args = parser.parse_args()
     grid = Grid(args, args.results)
     calibration = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
 
     def row(method: str, level: str) -> None:
         amount = ["--pattern", level] if ":" in level else ["--sparsity", level]
-        label = f"{method} {level}"
-        recipe = grid.make(label, ["--method", method, *amount, *calibration], f"{slug(label)}-c{args.samples}x{args.seq_len}-s{args.seed}")
-        grid.evaluate(label, recipe["path"], {"name": label, "method": method, "level": level,
+        label = f"{method} {level}" + (f" w{args.wbits}" if args.wbits else "")
+        quantize = ["--wbits", str(args.wbits)] if args.wbits else []
+        recipe = grid.make(label, ["--method", method, *amount, *quantize, *calibration],
+                           f"{slug(label)}-c{args.samples}x{args.seq_len}-s{args.seed}")
+        grid.evaluate(label, recipe["path"], {"name": label, "method": method, "level": level, "wbits": args.wbits,
                                               "achieved_sparsity": recipe["achieved_sparsity"], "prune_seconds": recipe["seconds"],
                                               "calibration": recipe["calibration"], "per_matrix": recipe["per_matrix"]})
 
-    attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "level": "0"})
+    if not args.no_dense:
+        attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "level": "0"})
     for level in args.levels.split(","):
         for method in args.methods.split(","):
-            if method == "mixed" and ":" in level:
+            if (method == "mixed" and ":" in level) or (args.wbits and method == "wanda"):
                 continue  # a fixed N:M pattern leaves mixed sparsity nothing to allocate
             attempt(row, method, level)
 

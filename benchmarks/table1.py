@@ -66,8 +66,13 @@ class Grid:
             return
         print(f"[{time.strftime('%H:%M:%S')}] evaluating {info['name']}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        zs = _hywia("eval", "zeroshot", "--model", path, "--ppl", "--max-windows", str(a.windows_128), "--dtype", a.dtype,
-                    "--limit", str(a.limit), "--device", a.device, *self.common)
+        if a.limit:
+            zs = _hywia("eval", "zeroshot", "--model", path, "--ppl", "--max-windows", str(a.windows_128), "--dtype", a.dtype,
+                        "--limit", str(a.limit), "--device", a.device, *self.common)
+        else:  # perplexity only: the extra seeds of a grid whose zero-shot columns one seed already resolves
+            zs = _hywia("eval", "ppl", "--model", path, "--data", "wikitext2", "ptb", "--protocol", "llm-pruner",
+                        "--max-windows", str(a.windows_128), "--dtype", a.dtype, "--device", a.device, *self.common)
+            zs.update(zeroshot={}, average=None)
         long = _hywia("eval", "ppl", "--model", path, "--data", "wikitext2", "ptb", "--protocol", "sparsegpt",
                       "--max-windows", str(a.windows_2048), "--dtype", a.dtype, "--device", a.device, *self.common)
         record = {"key": key, **info, "params": zs["params"], "ppl_128": zs["ppl"], "ppl_2048": long["ppl"],
@@ -101,7 +106,7 @@ def arguments(doc: str, results: Path) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=100, help="zero-shot documents per task")
+    parser.add_argument("--limit", type=int, default=100, help="zero-shot documents per task (0: perplexity only)")
     parser.add_argument("--windows-128", type=int, default=200)
     parser.add_argument("--windows-2048", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", help="evaluation dtype")
