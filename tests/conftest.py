@@ -9,6 +9,9 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+GQA = {"hidden_size": 64, "intermediate_size": 48, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8,
+       "max_position_embeddings": 256}
+# the LLaMA-layout families (separate q/k/v/o and gate/up/down, grouped-query attention)
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
@@ -16,16 +19,28 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {}),  # per-head q/k norms
     "gemma3_text": ("Gemma3TextConfig", {"sliding_window": 16, "query_pre_attn_scalar": 8}),  # q/k norms, sliding layers
 }
+# the others, each with its own config fields (no GQA defaults)
+OTHER_FAMILIES = {
+    "llama3": ("LlamaConfig", {**GQA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 48, "num_attention_heads": 8, "word_embed_proj_dim": 64,
+                          "max_position_embeddings": 256, "enable_bias": True}),  # MHA, biases, fc1/fc2
+    "phi3": ("Phi3Config", {**GQA, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv_proj (GQA) and gate_up_proj
+    "bloom": ("BloomConfig", {"hidden_size": 64, "n_head": 8}),  # fused per-head query_key_value, ALiBi, 4 x hidden GELU MLP
+}
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 3):
-    """A 3-layer GQA model: 8 query heads over 4 KV heads (head_dim 8), 48 MLP channels, vocab 260."""
+    """A 3-layer model, vocab 260. LLaMA-layout families: 8 query heads over 4 KV heads (head_dim 8), 48 MLP channels;
+    the others as OTHER_FAMILIES sets them."""
     import transformers
     torch.manual_seed(seed)
-    name, extra = FAMILIES[family]
-    config = getattr(transformers, name)(
-        vocab_size=260, hidden_size=64, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    if family in FAMILIES:
+        name, extra = FAMILIES[family]
+        extra = {**GQA, **extra}
+    else:
+        name, extra = OTHER_FAMILIES[family]
+    config = getattr(transformers, name)(vocab_size=260, num_hidden_layers=layers, tie_word_embeddings=False, **extra)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # biases start at zero; make them matter
         for n, p in model.named_parameters():

@@ -23,7 +23,7 @@ def masked_reference(dense, kept: dict[str, list[int]], unit: str = "kv"):
                 continue
             gone = [g for g in range(s.count) if g not in kept[key]]
             for slot in s.slots:
-                view = slot.param.data.movedim(slot.dim, 0).view(s.count, slot.size, -1)
+                view = slot.param.data.movedim(slot.dim, 0).narrow(0, slot.offset, s.count * slot.size).view(s.count, slot.size, -1)
                 view[gone] = 0
     return ref
 
@@ -35,7 +35,7 @@ def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: tor
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [ref.get_submodule(name).register_forward_pre_hook(
         lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for s in find_groups(ref, "both", attention_unit=unit) for name, (_, dim, _) in s.modules.items() if dim == 1]
+        for s in find_groups(ref, "both", attention_unit=unit) for name in [s.reader.name]]
     with torch.no_grad():
         ref(input_ids=calib_ids)
     for h in handles:
@@ -52,7 +52,7 @@ def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: tor
 
     for s in find_groups(ref, "both", attention_unit=unit):
         gone = [g for g in range(s.count) if g not in kept.get(f"{s.layer}.{s.kind}", range(s.count))]
-        name, (_, _, size) = next((n, m) for n, m in s.modules.items() if m[1] == 1)
+        name, size = s.reader.name, s.reader.size
         columns = [g * size + i for g in gone for i in range(size)]
         if columns:
             ref.get_submodule(name).register_forward_pre_hook(substitute(name, columns))

@@ -29,12 +29,29 @@ ATTENTION_UNITS = {"kv": "attention", "query": "query"}  # --attention-unit -> t
 
 @dataclass
 class Slot:
-    """A parameter (weight or bias) of a member projection and how groups tile it."""
+    """A parameter (weight or bias) of a member projection and how groups tile it: group g owns `size` indices of
+    axis `dim` starting at `offset + g * size` (offset > 0 for a later part of a fused projection)."""
 
     name: str  # full parameter name, e.g. "model.layers.3.self_attn.q_proj.weight"
     param: nn.Parameter
     dim: int
+    size: int
+    offset: int = 0
+
+
+@dataclass
+class Part:
+    """One member projection's share of a layer's groups (a fused projection contributes one Part per member)."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    module: nn.Linear
+    dim: int
     size: int  # rows or columns per group
+    offset: int = 0
+
+    def indices(self, groups: torch.Tensor) -> torch.Tensor:
+        """The rows (dim 0) or columns (dim 1) of `module` that `groups` own in this part."""
+        return self.offset + (groups[:, None] * self.size + torch.arange(self.size)).flatten()
 
 
 @dataclass
@@ -44,16 +61,21 @@ class LayerGroups:
     layer: int
     kind: str
     count: int
-    modules: dict[str, tuple[nn.Linear, int, int]]  # full module name -> (module, dim, size)
+    parts: list[Part]
     blocks: int = 1  # groups form `blocks` equal runs and leave in balanced steps (query heads: one run per KV head)
+
+    @property
+    def reader(self) -> Part:
+        """The output projection's part (o_proj / down_proj input columns): what reads the groups' outputs."""
+        return next(p for p in self.parts if p.dim == 1)
 
     @property
     def slots(self) -> list[Slot]:
         slots = []
-        for name, (module, dim, size) in self.modules.items():
-            slots.append(Slot(f"{name}.weight", module.weight, dim, size))
-            if module.bias is not None and dim == 0:  # an input-column group leaves the bias alone
-                slots.append(Slot(f"{name}.bias", module.bias, 0, size))
+        for p in self.parts:
+            slots.append(Slot(f"{p.name}.weight", p.module.weight, p.dim, p.size, p.offset))
+            if p.module.bias is not None and p.dim == 0:  # an input-column group leaves the bias alone
+                slots.append(Slot(f"{p.name}.bias", p.module.bias, 0, p.size, p.offset))
         return slots
 
     @property
@@ -63,7 +85,8 @@ class LayerGroups:
 
     def member_sums(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:
         """Sum a per-weight tensor (shaped like each parameter) within every group, slot by slot: [count, n_slots]."""
-        columns = [per_weight(slot).float().movedim(slot.dim, 0).reshape(self.count, -1).sum(1).cpu() for slot in self.slots]
+        columns = [per_weight(slot).float().movedim(slot.dim, 0).narrow(0, slot.offset, self.count * slot.size)
+                   .reshape(self.count, -1).sum(1).cpu() for slot in self.slots]
         return torch.stack(columns, dim=1)
 
     def sum(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:
@@ -75,26 +98,38 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _output_projection(adapter: Adapter, kind: str) -> Member:
+    return next(m for m in getattr(adapter, kind) if m.dim == 1)
+
+
 def head_counts(model: nn.Module, prefix: str, adapter: Adapter) -> tuple[int, int]:
     """(query heads, KV heads) of the layer at `prefix`, read off its weights (layers may differ after pruning)."""
     size = head_dim(model.config)
-    return (model.get_submodule(f"{prefix}.{adapter.q_rows}").out_features // size,
-            model.get_submodule(f"{prefix}.{adapter.kv_rows}").out_features // size)
+    n_heads = model.get_submodule(f"{prefix}.{_output_projection(adapter, 'attention').path}").in_features // size
+    path, q_share, kv_share = adapter.kv_rows
+    rows = model.get_submodule(f"{prefix}.{path}").out_features // size
+    return n_heads, (rows - q_share * n_heads) // kv_share
 
 
 def _layer_groups(model: nn.Module, prefix: str, layer: int, kind: str, adapter: Adapter) -> LayerGroups:
+    members = getattr(adapter, kind)
+    if members is None:
+        raise HywiaError(f"--attention-unit query needs grouped-query attention; every {model.config.model_type} head has "
+                         "its own key and value, so a KV group is already one head: use --attention-unit kv")
     n_heads, n_kv = head_counts(model, prefix, adapter)
     size = head_dim(model.config)
-    units = {"q": n_heads // max(n_kv, 1) * size, "kv": size, "head": size, "channel": 1}
-    modules = {}
-    for member in getattr(adapter, kind):
+    units = {"q": n_heads // max(n_kv, 1) * size, "kv": size, "head": size, "qkv": 3 * size, "channel": 1}
+    channels = model.get_submodule(f"{prefix}.{_output_projection(adapter, 'mlp').path}").in_features
+    stacked = {"heads": n_heads * size, "kv_heads": n_kv * size, "channels": channels}
+    parts = []
+    for member in members:
         name = f"{prefix}.{member.path}"
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise HywiaError(f"{name} is a {type(module).__name__}, not a Linear; load the model unquantized (dtype float32 or bfloat16)")
-        modules[name] = (module, member.dim, units[member.unit])
-    module, dim, unit = next(iter(modules.values()))
-    return LayerGroups(layer, kind, module.weight.shape[dim] // unit, modules, blocks=n_kv if kind == "query" else 1)
+        parts.append(Part(name, module, member.dim, units[member.unit], sum(stacked[a] for a in member.after)))
+    reader = next(p for p in parts if p.dim == 1)
+    return LayerGroups(layer, kind, reader.module.in_features // reader.size, parts, blocks=n_kv if kind == "query" else 1)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> range:

@@ -22,7 +22,7 @@ from torch import nn
 from .data import calibration_ids
 from .errors import HywiaError
 from .adapters import adapter_for
-from .grouping import ATTENTION_UNITS, LayerGroups, find_groups, head_counts
+from .grouping import ATTENTION_UNITS, LayerGroups, Part, find_groups, head_counts
 from .remote import sync_head_counts
 from .importance import Criterion, Scores, Stats, collect_inputs, collect_stats, get_criterion
 
@@ -207,10 +207,6 @@ def _kept(count: int, removed: torch.Tensor) -> list[int]:
     return [g for g in range(count) if g not in gone]
 
 
-def _group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
-    return (groups[:, None] * size + torch.arange(size)).flatten()
-
-
 def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor, bias_shift: torch.Tensor | None = None) -> nn.Linear:
     """A Linear holding the kept rows (dim 0) or columns (dim 1); `bias_shift` is added to its bias (created if absent)."""
     weight = module.weight.data.index_select(dim, rows.to(module.weight.device))
@@ -230,30 +226,57 @@ def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor, bias_shift: torch.T
 
 def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor],
                   input_means: dict[str, torch.Tensor] | None = None) -> None:
-    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices.
+    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices (a fused
+    projection loses the rows of every part, and keeps its parts' order).
 
     With `input_means` (module name -> mean input per feature), each removed input column j of an output
     projection leaves W[:, j] * mean_j in the bias, so the layer's output moves by the removed columns'
     fluctuation only (FLAP's bias compensation). Such added biases are recorded as a third `True` in the module's
     entry of `hywia_pruned_shapes`, which is how a reload knows to build them."""
-    shapes = dict(getattr(model.config, "hywia_pruned_shapes", None) or {})
+    config = model.config
+    if not getattr(config, "head_dim", None):
+        config.head_dim = config.hidden_size // config.num_attention_heads  # pin it before head counts change
+    before = layer_widths(model)
+    shapes = dict(getattr(config, "hywia_pruned_shapes", None) or {})
+    if adapter_for(config).alibi:
+        _record_kept_heads(model, sets, removed)
     for s, gone in zip(sets, removed):
         if len(gone) == 0:
             continue
-        keep = torch.tensor(_kept(s.count, gone), dtype=torch.long)
-        for name, (module, dim, size) in s.modules.items():
+        by_module: dict[str, list[Part]] = {}
+        for part in s.parts:
+            by_module.setdefault(part.name, []).append(part)
+        for name, parts in by_module.items():
+            module, dim = parts[0].module, parts[0].dim
+            dropped = torch.cat([part.indices(gone) for part in parts])
+            keep = torch.ones(module.weight.shape[dim], dtype=torch.bool)
+            keep[dropped] = False
             shift = None
             if input_means is not None and dim == 1 and name in input_means:
-                columns = _group_rows(gone, size).to(module.weight.device)
+                columns = dropped.to(module.weight.device)
                 mean = input_means[name].to(module.weight.device)[columns]
                 shift = module.weight.data[:, columns].double() @ mean
-            new = _shrunk(module, dim, _group_rows(keep, size), shift)
+            new = _shrunk(module, dim, keep.nonzero().flatten(), shift)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
             added_bias = shift is not None or len(shapes.get(name, ())) > 2
             shapes[name] = [new.out_features, new.in_features] + ([True] if added_bias else [])
+    record_widths(model, shapes, before)
     sync_head_counts(model)
-    record_widths(model, shapes)
+
+
+def _record_kept_heads(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor]) -> None:
+    """ALiBi families: which of the original heads each layer keeps (`config.hywia_kept_heads`), composed with
+    any earlier pruning, so each kept head keeps its own slope on reload."""
+    config = model.config
+    if not any(s.kind == "attention" and len(gone) for s, gone in zip(sets, removed)):
+        return
+    kept_heads = list(getattr(config, "hywia_kept_heads", None) or [list(range(config.num_attention_heads))
+                                                                     for _ in model.get_submodule(adapter_for(config).layers)])
+    for s, gone in zip(sets, removed):
+        if s.kind == "attention" and len(gone):
+            kept_heads[s.layer] = [kept_heads[s.layer][g] for g in _kept(s.count, gone)]
+    config.hywia_kept_heads = kept_heads
 
 
 def layer_widths(model: nn.Module) -> list[dict]:
@@ -266,30 +289,35 @@ def layer_widths(model: nn.Module) -> list[dict]:
     return widths
 
 
-def record_widths(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Write the new widths into the config: plain config fields when every layer has the same widths (the
-    model then reloads with stock transformers, no flag), else per-module shapes for modeling_hywia.py."""
+def record_widths(model: nn.Module, shapes: dict[str, list[int]], before: list[dict]) -> None:
+    """Write the new widths into the config: plain config fields when every layer has the same widths and the
+    family's stock config can say them (the model then reloads with stock transformers, no flag), else per-module
+    shapes for modeling_hywia.py. `before` is `layer_widths` of the model as its config last described it."""
     config = model.config
-    if not getattr(config, "head_dim", None):
-        config.head_dim = config.hidden_size // config.num_attention_heads  # pin it before head counts change
-    widths = layer_widths(model)
-    config.hywia_layer_widths = [{k: v for k, v in w.items() if k != "layer"} for w in widths]
-    uniform = all(w == config.hywia_layer_widths[0] for w in config.hywia_layer_widths)
-    added_bias = any(len(shape) > 2 for shape in shapes.values())  # a stock config cannot ask for a bias on one projection
-    if uniform and not added_bias and _stock_config_accepts(config, config.hywia_layer_widths[0]):
-        for key, value in config.hywia_layer_widths[0].items():
-            setattr(config, key, value)
+    adapter = adapter_for(config)
+    widths = [{k: v for k, v in w.items() if k != "layer"} for w in layer_widths(model)]
+    config.hywia_layer_widths = widths
+    was_stock = not getattr(config, "hywia_pruned_shapes", None)
+    changed = {k for w, old in zip(widths, before) for k in w if w[k] != old[k]}
+    mapped = dict(adapter.config_widths)
+    stock = (was_stock and all(w == widths[0] for w in widths) and changed <= set(mapped)
+             and not any(len(shape) > 2 for shape in shapes.values())  # a stock config cannot ask for a bias on one projection
+             and not getattr(config, "hywia_kept_heads", None)  # nor for ALiBi slopes of a subset of heads
+             and _stock_config_accepts(config, {mapped[k]: widths[0][k] for k in changed}))
+    if stock:
+        for key in changed:
+            setattr(config, mapped[key], widths[0][key])
         config.hywia_pruned_shapes = None
     else:
         config.hywia_pruned_shapes = shapes
 
 
-def _stock_config_accepts(config, widths: dict) -> bool:
+def _stock_config_accepts(config, fields: dict) -> bool:
     """Whether transformers' own validation takes these widths as plain config fields (LLaMA, for one, insists
     that hidden_size be a multiple of num_attention_heads, which a pruned head count need not be)."""
     candidate = copy.deepcopy(config)
     try:
-        for key, value in widths.items():
+        for key, value in fields.items():
             setattr(candidate, key, value)
         candidate.validate()
     except Exception:  # huggingface_hub's validation errors share no narrower base; any refusal means "use shapes"
@@ -313,7 +341,7 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
         collected = collect_stats(model, samples, names, fisher=fisher, batch_size=batch_size, seed=seed, per_sample=per_sample)
         stats.grad, stats.fisher, stats.samples = collected.grad, collected.fisher, collected.samples
     if (criterion.needs_inputs or compensate) and not stats.inputs:
-        readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
+        readers = {s.reader.name for s in sets}
         stats.inputs = collect_inputs(model, samples, readers, batch_size)
     return stats
 
@@ -326,7 +354,7 @@ def heldout_moments(model: nn.Module, tokenizer, sets: list[LayerGroups], calib:
     """Full input second moments of every output projection (o_proj, down_proj) on a second draw of calibration
     windows (the same tensor when calibration came as ids), for criteria that weigh evidence on held-out data."""
     ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed + HELDOUT_SEED, data_dir)
-    readers = {name for s in sets for name, (_, dim, _) in s.modules.items() if dim == 1}
+    readers = {s.reader.name for s in sets}
     return collect_inputs(model, ids, readers, batch_size, outer=True)
 
 

@@ -23,9 +23,9 @@ def _wanda_sp(groups: LayerGroups, stats: Stats) -> torch.Tensor:
 def _column_fluctuation(groups: LayerGroups, stats: Stats) -> torch.Tensor:
     """FLAP's weighted input feature variance of every input column of the group's output projection,
     Var(X_j) * ||W_:,j||^2, as [count, columns per group]."""
-    name, (module, _, size) = next((name, member) for name, member in groups.modules.items() if member[1] == 1)
-    column_norms = module.weight.detach().double().square().sum(0)
-    return (stats.inputs[name].variance.to(column_norms.device) * column_norms).float().cpu().reshape(groups.count, size)
+    reader = groups.reader
+    column_norms = reader.module.weight.detach().double().square().sum(0)
+    return (stats.inputs[reader.name].variance.to(column_norms.device) * column_norms).float().cpu().reshape(groups.count, reader.size)
 
 
 def _flap(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:

@@ -59,8 +59,8 @@ def fusion_options(options: dict) -> tuple[str, float, int, str]:
 def output_error(s: LayerGroups, gone: torch.Tensor, moments: Moments, centred: bool) -> float:
     """Expected squared error of the layer's output projection when the input columns of groups `gone` are dropped
     (or, `centred`, replaced by their calibration means)."""
-    name, (module, _, size) = next((n, m) for n, m in s.modules.items() if m[1] == 1)
-    columns = (gone[:, None] * size + torch.arange(size)).flatten()
+    module = s.reader.module
+    columns = s.reader.indices(gone)
     second = moments.second_moment.cpu()[columns][:, columns]
     if centred:
         mean = moments.mean.cpu()[columns]
@@ -101,7 +101,7 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
         if fusion == "fixed":
             alpha = torch.full_like(fine, fixed_alpha)
         elif fusion == "evidence":
-            reader = next(n for n, m in s.modules.items() if m[1] == 1)
+            reader = s.reader.name
             share = float(options["ratio"])
             alpha = torch.full_like(fine, evidence_alpha(s, fine, coarse, stats.heldout[reader], share, bool(options.get("compensate"))))
         else:
