@@ -14,7 +14,7 @@ from .errors import HywiaError
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packaged short name (smollm2-135m, gemma3-270m), .gguf file, directory or hub id")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto / balanced: spread over every GPU (then CPU) by accelerate")
     p.add_argument("--data-dir", default=None, help="offline data folder (default $HYWIA_DATA_DIR): wikitext2/, ptb/ as released")
     p.add_argument("--json", action="store_true", help="print one JSON result object instead of text")
 
@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default=None, help="mixed: layer (default) or matrix, the unit that gets its own sparsity")
     p.add_argument("--sensitivity-samples", type=int, default=None, help="mixed: calibration windows the Fisher sensitivity uses (default 8)")
     p.add_argument("--wbits", type=int, default=None, help="sparsegpt, mixed: also quantize the kept weights to N bits in the same pass")
+    p.add_argument("--layers-per-pass", type=int, default=None, help="gradient criteria: gather gradients for N decoder layers "
+                   "per sweep (N sweeps' time, 1/N of the gradient buffers; default all at once)")
+    p.add_argument("--stats-dtype", default=None, help="keep accumulated gradient statistics in float32 (default) or bfloat16 (half the memory)")
+    p.add_argument("--stats-device", default=None, help="keep accumulated gradient statistics on this device, e.g. cpu (off the GPU)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient criteria: recompute layer activations in backward (less memory)")
+    p.add_argument("--sequential", action="store_true", help="forward-only statistics (wanda_sp, flap, compensation) one decoder "
+                   "layer at a time: only one layer's activations live, and only one layer's weights on --device")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -112,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "compensate")
+                   "attention_unit", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 
 
@@ -127,7 +134,8 @@ def _refuse(args, names: tuple[str, ...], kind: str) -> None:
 def _prune(args) -> dict:
     from .data import data_dir
     from .figures import write_artifacts
-    from .io import check_output, load_model, save_model
+    from .importance import Memory
+    from .io import ACCELERATE_MAPS, check_output, load_model, save_model
     from .prune import check_options, prune
     from .sparsify import SPARSIFIERS, sparsify
 
@@ -147,6 +155,9 @@ def _prune(args) -> dict:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
         check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1,
                       args.attention_unit or "kv")
+        memory = Memory(args.layers_per_pass, args.stats_dtype or "float32", args.stats_device, args.checkpointing,
+                        args.sequential, None if args.device in ACCELERATE_MAPS else args.device)
+        memory.check()
     data_dir(args.data_dir)
     if samples < 1 or seq_len < 2:
         raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
@@ -163,7 +174,8 @@ def _prune(args) -> dict:
                               seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
                               min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
                               batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit or "kv",
-                              compensate=None if args.compensate is None else args.compensate == "yes", **method_options)
+                              compensate=None if args.compensate is None else args.compensate == "yes", memory=memory,
+                              **method_options)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)

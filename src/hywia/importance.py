@@ -16,15 +16,20 @@ criteria never run one either, and only the second-order ones pay for per-sample
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for
 from .errors import HywiaError
 from .grouping import LayerGroups
+from .walk import walk_layers
 
 
 @dataclass
@@ -63,13 +68,45 @@ class Moments:
         return (self.squares - self.total.square() / self.count).clamp_min(0) / max(self.count - 1, 1)
 
 
+class Store(dict):
+    """Accumulated per-weight statistics, possibly kept in a lower precision or on another device than the model
+    (`Memory`); a lookup hands back float32 on the device of the weights it belongs to, so criteria need not know."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        super().__init__()
+        self.device = device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = super().__getitem__(name)
+        return value.to(device=self.device or value.device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """How calibration statistics are gathered when the model, its gradients and the Fisher buffers do not fit at
+    once (peak memory of each option: docs/RESULTS.md, "Memory"). The defaults are one pass, float32, in place."""
+
+    layers_per_pass: int | None = None  # gradient criteria: one backward sweep per this many decoder layers' weights
+    store_dtype: str = "float32"  # finished per-weight accumulators kept in this dtype ("bfloat16" halves them)
+    store_device: str | None = None  # ... and on this device ("cpu": off the accelerator)
+    checkpointing: bool = False  # gradient criteria: recompute each decoder layer's activations during backward
+    sequential: bool = False  # forward-only statistics walked one decoder layer at a time (`hywia.walk`)
+    device: str | None = None  # with `sequential`: move each layer here for its turn (the model stays where it is)
+
+    def check(self) -> None:
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise HywiaError(f"--layers-per-pass {self.layers_per_pass} must be at least 1")
+        if self.store_dtype not in ("float32", "bfloat16", "float16"):
+            raise HywiaError(f"unknown --stats-dtype '{self.store_dtype}': use float32, bfloat16 or float16")
+
+
 @dataclass
 class Stats:
-    """Calibration statistics: gradients keyed by full parameter name (float32, on the parameter's device),
-    input moments keyed by module name."""
+    """Calibration statistics: gradients keyed by full parameter name (read back as float32 on the parameter's
+    device), input moments keyed by module name."""
 
-    grad: dict[str, torch.Tensor] = field(default_factory=dict)
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad: dict[str, torch.Tensor] = field(default_factory=Store)
+    fisher: dict[str, torch.Tensor] = field(default_factory=Store)
     inputs: dict[str, Moments] = field(default_factory=dict)
     samples: dict[str, Moments] = field(default_factory=dict)
     heldout: dict[str, Moments] = field(default_factory=dict)  # output projections' inputs on a second calibration draw
@@ -121,68 +158,103 @@ def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[
 
 def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str], fisher: bool,
                   batch_size: int = 4, seed: int = 0,
-                  per_sample: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None) -> Stats:
+                  per_sample: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
+                  memory: Memory = Memory()) -> Stats:
     """Accumulate gradient statistics of `param_names` over `samples` [n, seq_len] (token ids).
 
     With `fisher`, every sample gets its own backward pass: the empirical Fisher needs per-sample gradients,
     and the batch gradient is their mean. Without it, micro-batches of `batch_size` are enough. `per_sample`
     (with `fisher`) gets every sample's gradients and the scale that makes them per-sample ones; the moments of
-    what it returns go to `stats.samples`.
+    what it returns go to `stats.samples`. `memory.checkpointing` recomputes decoder layers' activations in the
+    backward pass; finished accumulators move to `memory.store_dtype` / `store_device`.
     """
     stats = Stats(seed=seed)
     params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    stats.grad.device = stats.fisher.device = device
     was_training = model.training
     saved_flags = {name: p.requires_grad for name, p in params.items()}
     model.eval()  # no dropout: scores must be reproducible
     for name, p in params.items():
         p.requires_grad_(name in param_names)
         p.grad = None
-    device = next(model.parameters()).device
     step = 1 if fisher else batch_size
+    grad = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names}
+    squares = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names} if fisher else {}
     try:
-        for name in param_names:
-            stats.grad[name] = torch.zeros_like(params[name], dtype=torch.float32)
-            if fisher:
-                stats.fisher[name] = torch.zeros_like(params[name], dtype=torch.float32)
-        n = len(samples)
-        for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
-            batch = samples[start:start + step].to(device)
-            loss = model(input_ids=batch, labels=batch).loss * (len(batch) / n)
-            loss.backward()
-            if per_sample is not None:
-                for key, value in per_sample({name: params[name].grad for name in param_names}, float(n)).items():
-                    stats.samples.setdefault(key, Moments()).add(value[None])
-            for name in param_names:
-                g = params[name].grad.float()
-                stats.grad[name] += g
-                if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
-                    stats.fisher[name] += (g * n).square() / n
-                params[name].grad = None
+        with checkpointed(model, memory.checkpointing):
+            n = len(samples)
+            for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
+                batch = samples[start:start + step].to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (len(batch) / n)
+                loss.backward()
+                if per_sample is not None:
+                    for key, value in per_sample({name: params[name].grad for name in param_names}, float(n)).items():
+                        stats.samples.setdefault(key, Moments()).add(value[None])
+                for name in param_names:
+                    g = params[name].grad.float()
+                    grad[name] += g
+                    if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
+                        squares[name] += (g * n).square() / n
+                    params[name].grad = None
     finally:
         for name, p in params.items():
             p.requires_grad_(saved_flags[name])
             p.grad = None
         model.train(was_training)
+    store = {"dtype": getattr(torch, memory.store_dtype), "device": memory.store_device or device}
+    for name in param_names:
+        dict.__setitem__(stats.grad, name, grad.pop(name).to(**store))
+        if fisher:
+            dict.__setitem__(stats.fisher, name, squares.pop(name).to(**store))
     return stats
 
 
+@contextmanager
+def checkpointed(model: nn.Module, enabled: bool):
+    """Within it, every decoder layer's forward is run under torch.utils.checkpoint (its activations recomputed in
+    backward). transformers' own switch only acts in training mode, which would turn dropout on in OPT or BLOOM."""
+    if not enabled:
+        yield
+        return
+    layers = model.get_submodule(adapter_for(model.config).layers)
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward, if some wrapper set one
+    for layer in layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # back to the class's own method
+            else:
+                layer.forward = forward
+
+
 def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4,
-                   outer: bool = False) -> dict[str, Moments]:
+                   outer: bool = False, sequential: bool = False, device: str | torch.device | None = None) -> dict[str, Moments]:
     """Moments of each named Linear's input features over all calibration tokens (forward passes only); `outer`
-    keeps each one's full second moment too."""
+    keeps each one's full second moment too. `sequential` walks the decoder one layer at a time (`hywia.walk`: the
+    same moments, only one layer's activations live, and with `device` only one layer's weights there)."""
     moments = {name: Moments(outer=outer) for name in module_names}
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
-               for name in module_names]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(samples), batch_size), desc="activations", unit="batch", leave=False):
-                model(input_ids=samples[start:start + batch_size].to(device))
+        if sequential:
+            walk_layers(model, samples, module_names, lambda name, x: moments[name].add(x), batch_size=batch_size,
+                        device=device, desc="activations")
+            return moments
+        handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
+                   for name in module_names]
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for start in tqdm(range(0, len(samples), batch_size), desc="activations", unit="batch", leave=False):
+                    model(input_ids=samples[start:start + batch_size].to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return moments
 

@@ -137,7 +137,26 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     else:
         model, tokenizer = _load_dir(str(path) if path.exists() else name, torch_dtype)
     model.eval()
-    return model.to(device), tokenizer
+    return place(model, device), tokenizer
+
+
+ACCELERATE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def place(model, device: str):
+    """`model` on `device`, or, for one of accelerate's device maps ("auto": every GPU, then CPU), spread over the
+    devices there are by accelerate's own placement (layers are never split; without a GPU everything stays on CPU)."""
+    if device not in ACCELERATE_MAPS:
+        return model.to(device)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split) if device.startswith("balanced") else None
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if any(where == "disk" for where in device_map.values()):
+        raise HywiaError("the model does not fit in GPU and CPU memory together; hywia prunes weights in place, which "
+                         "disk-offloaded weights are not: use a machine with more memory")
+    return dispatch_model(model, device_map)
 
 
 def stored_dtype(name: str) -> str | None:

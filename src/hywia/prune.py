@@ -24,7 +24,7 @@ from .errors import HywiaError
 from .adapters import adapter_for
 from .grouping import ATTENTION_UNITS, LayerGroups, Part, find_groups, head_counts
 from .remote import sync_head_counts
-from .importance import Criterion, Scores, Stats, collect_inputs, collect_stats, get_criterion
+from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
 
 # transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
 MIN_KEEP_FLOOR = {"attention": 1, "query": 1, "mlp": 0}
@@ -330,19 +330,34 @@ def _peak_rss_mb() -> float:
 
 
 def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
-                      seed: int, batch_size: int, compensate: bool = False, have: Stats | None = None) -> Stats:
+                      seed: int, batch_size: int, compensate: bool = False, have: Stats | None = None,
+                      memory: Memory = Memory()) -> Stats:
     """The statistics `criterion` needs (and input means to `compensate` with), only those: no backward pass for a
-    criterion that needs none. Parts already in `have` (filled in place) are not collected again."""
+    criterion that needs none. Parts already in `have` (filled in place) are not collected again. With
+    `memory.layers_per_pass`, gradients are gathered in sweeps over that many layers' weights at a time (each sweep
+    a full forward and a backward that stops at its layers), so only their gradient buffers exist at once."""
     stats = have if have is not None else Stats(seed=seed)
     fisher = criterion.needs_fisher or criterion.per_sample is not None
     names = {slot.name for s in sets for slot in s.slots}
     if (criterion.needs_grad or fisher) and not (names <= set(stats.grad) and (names <= set(stats.fisher) or not fisher)):
         per_sample = (lambda grads, scale: criterion.per_sample(sets, grads, scale)) if criterion.per_sample else None
-        collected = collect_stats(model, samples, names, fisher=fisher, batch_size=batch_size, seed=seed, per_sample=per_sample)
-        stats.grad, stats.fisher, stats.samples = collected.grad, collected.fisher, collected.samples
+        layers = sorted({s.layer for s in sets})
+        step = memory.layers_per_pass or len(layers)
+        if per_sample is not None and step < len(layers):
+            raise HywiaError("--layers-per-pass needs a criterion that scores layers from their own gradients; "
+                             "SAAP's per-sample uncertainty needs every layer's gradient of a sample at once: leave it out")
+        for chunk in (set(layers[i:i + step]) for i in range(0, len(layers), step)):
+            chunk_names = {slot.name for s in sets if s.layer in chunk for slot in s.slots}
+            collected = collect_stats(model, samples, chunk_names, fisher=fisher, batch_size=batch_size, seed=seed,
+                                      per_sample=per_sample, memory=memory)
+            for source, target in ((collected.grad, stats.grad), (collected.fisher, stats.fisher)):
+                target.device = source.device
+                for name in source:
+                    dict.__setitem__(target, name, dict.__getitem__(source, name))
+            stats.samples = collected.samples
     if (criterion.needs_inputs or compensate) and not stats.inputs:
         readers = {s.reader.name for s in sets}
-        stats.inputs = collect_inputs(model, samples, readers, batch_size)
+        stats.inputs = collect_inputs(model, samples, readers, batch_size, sequential=memory.sequential, device=memory.device)
     return stats
 
 
@@ -392,7 +407,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str = "kv",
-          compensate: bool | None = None, stats: Stats | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
+          compensate: bool | None = None, stats: Stats | None = None, memory: Memory | None = None,
+          **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
@@ -405,12 +421,17 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     `stats`, an empty `Stats(seed=seed)` or one a previous call filled, is filled in place and reused: a comparison of
     several options of one criterion on one dense model and calibration draw collects gradients once (the caller
     keeps model, calibration and seed the same; a per-sample criterion like SAAP's needs its own).
+    `memory` (`hywia.importance.Memory`) trades time for peak memory while statistics are gathered: gradient sweeps
+    over a few layers at a time, accumulators kept in bfloat16 or on the CPU, activation checkpointing, and
+    forward-only statistics walked one layer at a time; the scores are the same (up to the store's rounding).
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
     check_options(method, ratio, scope, target, method_options, round_to, attention_unit)
+    memory = memory or Memory()
+    memory.check()
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
     sets = find_groups(model, target, layers, attention_unit)
@@ -424,7 +445,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     if stats is not None and stats.seed != seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
-    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats)
+    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
     if criterion.heldout is not None and criterion.heldout(method_options) and not stats.heldout:
         stats.heldout = heldout_moments(model, tokenizer, sets, calib, samples, seq_len, seed, data_dir, batch_size)
     if stats.heldout:
@@ -432,7 +453,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
     removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
-    extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate}
+    extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
+                   "memory": asdict(memory)}
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for
+from .walk import decoder_layers, walk_layers
 from .data import calibration_ids
 from .errors import HywiaError
 from .importance import check_method_options
@@ -153,79 +153,28 @@ def lowest_mask(metric: torch.Tensor, count: int, per_row: bool = False) -> torc
     return mask
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    path = adapter_for(model.config).layers
-    return path, model.get_submodule(path)
-
-
 def linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every Linear inside the decoder layers, by full module name: what unstructured pruning prunes."""
     path, layers = decoder_layers(model)
     return {f"{path}.{i}.{name}": m for i, layer in enumerate(layers) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-class _Stop(Exception):
-    pass
-
-
-def _capture(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering layer 0 per batch, and the keyword arguments each layer receives per batch."""
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
-
-    def hook(index):
-        def grab(module, args, kw):
-            if index == 0:
-                hidden.append(args[0] if args else kw["hidden_states"])
-            kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            if index == len(layers) - 1:
-                raise _Stop  # the last layer's inputs are known: skip it, the norm and the LM head
-        return grab
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
-                try:
-                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden, kwargs
-
-
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result
-
-
 def walk(model: nn.Module, ids: torch.Tensor | None, sparsities: dict[str, float], sparsifier: Sparsifier,
          pattern: Pattern | None, options: dict, batch_size: int = 1) -> None:
     """Prune every matrix named in `sparsities`, layer by layer on the outputs of the pruned layers before it."""
-    path, layers = decoder_layers(model)
     if not sparsifier.needs_data:
         for name, sparsity in sparsities.items():
             sparsifier.prune(model.get_submodule(name), None, sparsity, pattern, options)
         return
-    hidden, kwargs = _capture(model, layers, ids, batch_size)
-    for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer", leave=False)):
-        members = {f"{path}.{index}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        members = {name: m for name, m in members.items() if name in sparsities}
-        stats = {name: InputStats(sparsifier.needs_hessian) for name in members}
-        handles = [m.register_forward_pre_hook(lambda module, args, name=name: stats[name].add(args[0])) for name, m in members.items()]
-        try:
-            with torch.no_grad():
-                for h, kw in zip(hidden, kwargs[index]):
-                    layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, module in members.items():
-            sparsifier.prune(module, stats.pop(name), sparsities[name], pattern, options)
-        with torch.no_grad():
-            hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs[index])]
+    stats = {name: InputStats(sparsifier.needs_hessian) for name in sparsities}
+
+    def prune_layer(index: int, layer: nn.Module) -> bool:
+        done = [name for name in stats if stats[name].count]  # this layer's matrices: the ones that saw inputs
+        for name in done:
+            sparsifier.prune(model.get_submodule(name), stats.pop(name), sparsities[name], pattern, options)
+        return bool(done)
+
+    walk_layers(model, ids, set(sparsities), lambda name, x: stats[name].add(x), prune_layer, batch_size)
 
 
 def sparsify(model: nn.Module, tokenizer=None, method: str = "sparsegpt", sparsity: float | None = 0.5,

@@ -1,0 +1,125 @@
+"""Models larger than one device (issue 12): the memory options change how statistics are gathered, not what they
+are. Gradient sweeps over a few layers, a bfloat16 store, activation checkpointing and the sequential forward walk
+each give the scores of the one-pass run; accelerate's device maps load and prune (on CPU here: CI has no GPU)."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hywia import HywiaError, load_model, prune, save_model
+from hywia.importance import Memory, Stats, collect_inputs, collect_stats, get_criterion
+from hywia.grouping import find_groups
+from hywia.prune import calibration_stats
+from test_cli import run
+
+
+def grads(model, calib_ids, memory: Memory, method: str = "element2") -> Stats:
+    sets = find_groups(model)
+    return calibration_stats(model, sets, get_criterion(method), calib_ids, 0, 2, memory=memory)
+
+
+@pytest.mark.parametrize("memory", [Memory(layers_per_pass=1), Memory(layers_per_pass=2, checkpointing=True),
+                                    Memory(checkpointing=True)])
+def test_gradient_sweeps_and_checkpointing_give_the_one_pass_statistics(memory, calib_ids, monkeypatch):
+    module = sys.modules["hywia.prune"]  # the module, not the function the package exports under that name
+    model = tiny_model("qwen2")
+    one = grads(model, calib_ids, Memory())
+    sweeps, recomputed = [], []
+    collect = module.collect_stats
+    monkeypatch.setattr(module, "collect_stats", lambda *a, **k: sweeps.append(len(a[2])) or collect(*a, **k))
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    other = grads(model, calib_ids, memory)
+    layers = memory.layers_per_pass or 3
+    assert len(sweeps) == -(-3 // layers) and sum(sweeps) == len(one.grad)  # each sweep its own layers' weights
+    assert bool(recomputed) == memory.checkpointing
+    assert set(one.grad) == set(other.grad) and set(one.fisher) == set(other.fisher)
+    for name in one.grad:
+        torch.testing.assert_close(other.grad[name], one.grad[name], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(other.fisher[name], one.fisher[name], rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["element2", "hywia", "vector"])
+def test_memory_options_prune_the_same_groups(method, calib_ids):
+    dense = tiny_model("llama")
+    _, plain = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids)
+    _, lean = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids,
+                    memory=Memory(layers_per_pass=1, checkpointing=True, store_device="cpu"))
+    assert lean.kept == plain.kept
+    assert lean.extra["memory"]["layers_per_pass"] == 1
+
+
+def test_bfloat16_store_halves_the_buffers_and_reads_back_float32(calib_ids):
+    model = tiny_model()
+    full, half = grads(model, calib_ids, Memory()), grads(model, calib_ids, Memory(store_dtype="bfloat16"))
+    name = next(iter(full.fisher))
+    assert dict.__getitem__(half.fisher, name).dtype == torch.bfloat16
+    assert half.fisher[name].dtype == torch.float32  # what criteria see
+    torch.testing.assert_close(half.fisher[name], full.fisher[name], rtol=1e-2, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "bloom", "opt"])
+def test_sequential_walk_gives_the_one_pass_input_moments(family, calib_ids):
+    """Gemma 3 gives its local and global layers different masks, BLOOM gives every layer ALiBi: the walk replays
+    each layer's own arguments."""
+    model = tiny_model(family)
+    readers = {s.reader.name for s in find_groups(model)}
+    one = collect_inputs(model, calib_ids, readers, batch_size=2)
+    layers = model.get_submodule({"opt": "model.decoder.layers", "bloom": "transformer.h"}.get(family, "model.layers"))
+    runs = []
+    handle = layers[1].register_forward_hook(lambda *args: runs.append(1))
+    walked = collect_inputs(model, calib_ids, readers, batch_size=2, sequential=True)
+    handle.remove()
+    assert len(runs) == 3 + 3  # the capture pass runs layer 1 once per batch of 2, the walk once more per batch
+    for name in readers:
+        assert walked[name].count == one[name].count
+        torch.testing.assert_close(walked[name].total, one[name].total, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(walked[name].squares, one[name].squares, rtol=1e-6, atol=1e-6)
+
+
+def test_sequential_flap_prunes_the_same_model(calib_ids):
+    dense = tiny_model("qwen3")
+    plain, a = prune(copy.deepcopy(dense), method="flap", ratio=0.3, calib=calib_ids)
+    walked, b = prune(copy.deepcopy(dense), method="flap", ratio=0.3, calib=calib_ids, memory=Memory(sequential=True, device="cpu"))
+    assert a.kept == b.kept
+    ids = calib_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(walked(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_saap_refuses_layer_sweeps(calib_ids):
+    with pytest.raises(HywiaError, match="--layers-per-pass.*SAAP"):
+        prune(tiny_model(), method="saap", ratio=0.2, calib=calib_ids, memory=Memory(layers_per_pass=1))
+
+
+@pytest.mark.parametrize("memory, message", [(Memory(layers_per_pass=0), "--layers-per-pass 0"),
+                                             (Memory(store_dtype="int8"), "--stats-dtype 'int8'")])
+def test_bad_memory_options_are_one_line_errors(memory, message):
+    with pytest.raises(HywiaError, match=message):
+        prune(tiny_model(), method="element2", ratio=0.2, memory=memory)
+
+
+def test_accelerate_device_map_loads_and_prunes(tmp_path, tokenizer, calib_ids):
+    out = save_model(tiny_model(), tokenizer, tmp_path / "dense", {})
+    model, _ = load_model(str(out), device="auto")
+    assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) <= {"cpu", 0, 1, 2, 3, 4, 5, 6, 7}
+    pruned, report = prune(model, method="element2", ratio=0.3, calib=calib_ids)
+    assert report.params_after < report.params_before
+
+
+def test_cli_memory_flags_reach_the_recipe(tmp_path, tokenizer, text_dir, capsys):
+    dense = save_model(tiny_model(), tokenizer, tmp_path / "dense", {})
+    code, _, err = run(capsys, "prune", "--model", str(dense), "--method", "element2", "--ratio", "0.3", "--samples", "4",
+                       "--seq-len", "16", "--layers-per-pass", "2", "--stats-dtype", "bfloat16", "--checkpointing",
+                       "--data-dir", str(text_dir), "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    memory = json.loads((tmp_path / "p" / "hywia.json").read_text())["extra"]["memory"]
+    assert memory["layers_per_pass"] == 2 and memory["store_dtype"] == "bfloat16" and memory["checkpointing"] is True
+    code, _, err = run(capsys, "prune", "--model", str(dense), "--method", "sparsegpt", "--sparsity", "0.5",
+                       "--layers-per-pass", "2", "--out", str(tmp_path / "q"))
+    assert code != 0 and "--layers-per-pass does not apply to --method sparsegpt" in err
