@@ -453,8 +453,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
     removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
+    stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
-                   "memory": asdict(memory)}
+                   "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
