@@ -9,8 +9,8 @@ hide the differences).
 Modes: gradient criteria (element2) in one pass, in sweeps of N layers (`--layers-per-pass`), with a bfloat16
 store, with activation checkpointing, and all three; forward-only statistics (flap) in one pass and walked one
 layer at a time (`--sequential`); `l2` (no statistics) as the floor. "peak RSS" is the process's maximum resident
-memory, loading included; "stats MB" the accumulated per-weight statistics kept for scoring. Calibration: 4 windows
-(the time of each mode scales with it, the memory does not) of `--seq-len` tokens.
+memory, loading included; "stats MB" the accumulated per-weight statistics kept for scoring. Calibration: 4 x 128
+and 2 x 512 tokens (`--calibrations`): a mode's time scales with the windows, its activation memory with their length.
 """
 from __future__ import annotations
 

@@ -167,6 +167,35 @@ def hybrid_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def quantized_table(records: list[dict]) -> str:
+    """benchmarks/sparsity.py --wbits rows (perplexity only) beside the same machine's float rows and dense row."""
+    floats = {(r["method"], r["level"]): r for r in records if not r.get("wbits")}
+    lines = ["| method | sparsity | weight bits | WikiText-2 (128) | WikiText-2 (2048) | PTB (128) | PTB (2048) | WikiText-2 (128) / float's | prune s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["level"], r["method"], r.get("wbits") or 32)):
+        wiki = r["ppl_128"]["wikitext2"]["ppl"]
+        same = floats.get((r["method"], r["level"]))
+        ratio = f"{wiki / same['ppl_128']['wikitext2']['ppl']:.3f}" if r.get("wbits") and same else "-"
+        seconds = f"{r['prune_seconds']:.0f}" if "prune_seconds" in r else "-"
+        lines.append(f"| {r['method']} | {r['level']} | {r.get('wbits') or 'float32'} | {wiki:.2f} | {r['ppl_2048']['wikitext2']['ppl']:.2f} | "
+                     f"{r['ppl_128']['ptb']['ppl']:.2f} | {r['ppl_2048']['ptb']['ppl']:.2f} | {ratio} | {seconds} |")
+    return "\n".join(lines)
+
+
+def memory_table(records: list[dict]) -> str:
+    """benchmarks/memory.py: peak RSS, statistics store and time per memory option, and whether it pruned the same
+    groups as the one-pass run of its method and calibration."""
+    lines = ["| model | calibration | method | memory flags | peak RSS MB | stats MB | prune s | same groups as one pass |",
+             "|---|---|---|---|---|---|---|---|"]
+    one_pass = {(r["model"], r["samples"], r["seq_len"], r["method"]): r["kept_digest"] for r in records if not r["flags"]}
+    for r in records:
+        same = one_pass.get((r["model"], r["samples"], r["seq_len"], r["method"]))
+        lines.append(f"| {r['model']} | {r['samples']} x {r['seq_len']} | {r['method']} | {r['flags'] or '(one pass)'} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['stats_mb']:.0f} | {r['prune_seconds']:.0f} | "
+                     f"{'-' if not r['flags'] else ('yes' if same == r['kept_digest'] else 'no')} |")
+    return "\n".join(lines)
+
+
 HELD_OUT = {"wikitext2": "WikiText-2 validation", "c4": "C4 (the calibration file)"}
 
 
@@ -193,28 +222,21 @@ if __name__ == "__main__":
         print(table1(rows))
         print("\n## Table 1, both perplexity protocols\n")
         print(table1_long(rows))
-    sparse = load("sparsity.jsonl")
-    if sparse:
-        print("\n## Unstructured and N:M (SmolLM2-135M)\n")
-        print(sparsity_table(sparse))
-    hybrid = load("hybrid.jsonl")
-    if hybrid:
-        print("\n## HyWIA's own method, ingredient by ingredient\n")
-        print(hybrid_table(hybrid))
-    defaults = load("defaults.jsonl")
-    if defaults:
-        print("\n## Defaults chosen on calibration data\n")
-        print(defaults_table(defaults))
-    speed = load("speed.jsonl")
-    if speed:
-        from hywia.speed import markdown
-        print("\n## Speed\n")
-        print(markdown(speed[-10:]))  # the latest run: five models at batch 1 and 8
-    saap_speed = load("speed_saap.jsonl")
-    if saap_speed:
-        from hywia.speed import markdown
-        print("\n## Speed of SAAP 20% against dense and Element2 20%\n")
-        print(markdown(saap_speed) + "\n")
+    from hywia.speed import markdown
+    sections = [  # (results file, heading, table of its records)
+        ("sparsity.jsonl", "Unstructured and N:M (SmolLM2-135M)", sparsity_table),
+        ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
+        ("memory.jsonl", "Memory options", memory_table),
+        ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
+        ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),
+        ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
+        ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
+    ]
+    for name, heading, table in sections:
+        records = load(name)
+        if records:
+            print(f"\n## {heading}\n")
+            print(table(records))
     quality = load("smollm2.jsonl")
     print("## Baselines, 10 calibration samples\n")
     print(quality_table([r for r in quality if r["row"]["method"] != "hywia"], 10))

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import OTHER_FAMILIES, tiny_model
-from hywia import CRITERIA, SPARSIFIERS, HywiaError, find_groups, load_model, prune, save_model, sparsify
-from test_io import fresh_process_logits
-from test_io import logits as reload_ids_logits
+from hywia import CRITERIA, SPARSIFIERS, HywiaError, find_groups, prune, sparsify
+from test_io import assert_reloads_and_generates
 from test_prune import logits, masked_reference, mean_substituted_reference
 
 HEAD_DIM = 8
@@ -46,13 +45,7 @@ def test_compensation_equals_mean_substitution(family, calib_ids):
                                            ("bloom", "global"), ("bloom", "layer"), ("llama3", "global")])
 def test_pruned_family_reloads_in_fresh_process_and_generates(family, scope, tmp_path, tokenizer, calib_ids):
     model, _ = prune(tiny_model(family), method="element2", ratio=0.4, calib=calib_ids, scope=scope)
-    out = save_model(model, tokenizer, tmp_path / "p", {})
-    mode = "plain" if model.config.hywia_pruned_shapes is None else "remote"
-    assert torch.equal(fresh_process_logits(out, mode, tmp_path), reload_ids_logits(model))
-    again, _ = load_model(str(out))
-    assert torch.equal(logits(again), logits(model))
-    generated = again.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
-    assert generated.shape == (1, 7)
+    assert_reloads_and_generates(model, tokenizer, tmp_path)
 
 
 def test_uniform_cuts_stay_stock_configs_where_the_family_can_say_them(calib_ids):

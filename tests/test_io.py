@@ -1,7 +1,6 @@
 """Saved models reload in a process that never imports hywia, with identical logits; saving is atomic."""
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -39,6 +38,18 @@ def fresh_process_logits(path, mode, tmp_path, ids=IDS):
 def logits(model):
     with torch.no_grad():
         return model(input_ids=IDS).logits
+
+
+def assert_reloads_and_generates(model, tokenizer, tmp_path):
+    """Saved, `model` reloads in a fresh process (as a stock model or through modeling_hywia.py, as its config says)
+    and through hywia with identical logits, and generates; returns hywia's reload."""
+    out = save_model(model, tokenizer, tmp_path / "p", {})
+    mode = "plain" if model.config.hywia_pruned_shapes is None else "remote"
+    assert torch.equal(fresh_process_logits(out, mode, tmp_path), logits(model))
+    again, _ = load_model(str(out))
+    assert torch.equal(logits(again), logits(model))
+    assert again.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    return again
 
 
 @pytest.mark.parametrize("scope, mode", [("global", "remote"), ("layer", "plain")])

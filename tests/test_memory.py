@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, load_model, prune, save_model
-from hywia.importance import Memory, Stats, collect_inputs, collect_stats, get_criterion
+from hywia.importance import Memory, Stats, collect_inputs, get_criterion
 from hywia.grouping import find_groups
 from hywia.prune import calibration_stats
 from test_cli import run

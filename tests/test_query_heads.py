@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from hywia import HywiaError, find_groups, load_model, prune, save_model
 from hywia.prune import allocate
-from test_io import fresh_process_logits
+from test_io import assert_reloads_and_generates, fresh_process_logits
 from test_io import logits as reload_ids_logits
 from test_prune import logits, masked_reference, mean_substituted_reference
 
@@ -71,13 +71,7 @@ def test_compensation_is_available_to_every_criterion(calib_ids):
 def test_query_pruned_model_reloads_in_fresh_process(family, scope, compensate, tmp_path, tokenizer, calib_ids):
     model, _ = prune(tiny_model(family), method="element2", ratio=0.4, calib=calib_ids, scope=scope, attention_unit="query",
                      compensate=compensate)
-    out = save_model(model, tokenizer, tmp_path / "p", {})
-    mode = "plain" if model.config.hywia_pruned_shapes is None else "remote"
-    assert torch.equal(fresh_process_logits(out, mode, tmp_path), reload_ids_logits(model))
-    again, _ = load_model(str(out))
-    assert torch.equal(logits(again), logits(model))
-    generated = again.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
-    assert generated.shape == (1, 7)
+    assert_reloads_and_generates(model, tokenizer, tmp_path)
 
 
 def test_kv_groups_then_query_heads(tmp_path, tokenizer, calib_ids):

@@ -1,7 +1,6 @@
 """`hywia bench speed`: every figure present and consistent, the first model the reference, bad input one line."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .walk import decoder_layers, walk_layers
 from .data import calibration_ids
