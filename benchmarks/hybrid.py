@@ -37,6 +37,8 @@ CONFIGS = {
     "+ evidence fusion": {"method": "hywia", "fusion": "evidence"},
     "+ query heads": {"method": "hywia", "fusion": "evidence", "attention_unit": "query"},
     "+ compensation": {"method": "hywia", "fusion": "evidence", "attention_unit": "query", "compensate": True},
+    # per-layer ratios: one ranking per kind over all layers, so query-head steps go where they cost least
+    "+ global scope": {"method": "hywia", "fusion": "evidence", "attention_unit": "query", "compensate": True, "scope": "global"},
     "element2 + query heads + compensation": {"method": "element2", "attention_unit": "query", "compensate": True},
 }
 
