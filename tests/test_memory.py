@@ -123,3 +123,10 @@ def test_cli_memory_flags_reach_the_recipe(tmp_path, tokenizer, text_dir, capsys
     code, _, err = run(capsys, "prune", "--model", str(dense), "--method", "sparsegpt", "--sparsity", "0.5",
                        "--layers-per-pass", "2", "--out", str(tmp_path / "q"))
     assert code != 0 and "--layers-per-pass does not apply to --method sparsegpt" in err
+
+
+def test_offloaded_weights_are_refused_with_the_fix():
+    model = tiny_model()
+    model.model.layers[1].mlp.up_proj.to("meta")
+    with pytest.raises(HywiaError, match="offloaded.*--device auto"):
+        prune(model, method="l2", ratio=0.2)

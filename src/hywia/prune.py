@@ -434,6 +434,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     memory.check()
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
+                         "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")
     sets = find_groups(model, target, layers, attention_unit)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)
