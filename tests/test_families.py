@@ -120,3 +120,34 @@ def test_unsupported_family_names_the_supported_ones_and_the_fix():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260))
     with pytest.raises(HywiaError, match=r"unsupported architecture 'gpt2'.*bloom.*opt.*phi3.*docs/families.md"):
         prune(model, method="l2", ratio=0.2)
+
+
+def test_baichuan_7b_checkpoint_loads_as_llama_and_prunes(tmp_path, tokenizer, calib_ids):
+    """Baichuan-7B's remote-code checkpoint (W_pack = q | k | v, MHA) read as the LLaMA it is: same logits as the
+    LLaMA it was made from, then pruned and reloaded like any LLaMA."""
+    import json
+    import transformers
+    from safetensors.torch import save_file
+    from hywia import load_model, save_model
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)).eval()
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.self_attn."
+        state[prefix + "W_pack.weight"] = torch.cat([state.pop(prefix + f"{n}_proj.weight") for n in "qkv"])
+    folder = tmp_path / "baichuan-7b"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "baichuan", "architectures": ["BaiChuanForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"},
+        "vocab_size": 260, "hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False}))
+    tokenizer.save_pretrained(folder)
+    model, _ = load_model(str(folder))
+    assert model.config.model_type == "llama"
+    torch.testing.assert_close(logits(model), logits(llama))
+    pruned, report = prune(model, method="element2", ratio=0.3, calib=calib_ids)
+    assert report.params_after < report.params_before
+    assert_reloads_and_generates(pruned, tokenizer, tmp_path)

@@ -103,10 +103,43 @@ def _causal_lm_class(config) -> type:
         raise HywiaError(f"'{config.model_type}' is not a causal language model transformers knows") from None
 
 
+def _baichuan_as_llama(path: Path, dtype: torch.dtype):
+    """Baichuan-7B, whose modeling code is remote code, read as the LLaMA model it is: `W_pack` (q | k | v stacked by
+    rows, multi-head) split into q_proj, k_proj, v_proj; every other tensor keeps its name (docs/families.md)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    raw = json.loads((path / "config.json").read_text())
+    if "max_position_embeddings" not in raw:  # the 13B models use ALiBi, not RoPE, and say so by leaving it out
+        raise HywiaError(f"{path} is a Baichuan model with ALiBi (13B), not the LLaMA layout: only Baichuan-7B is supported")
+    if raw.get("vocab_size") == 125696:  # Baichuan2's vocabulary; its LM head normalises its rows at run time
+        raise HywiaError(f"{path} is Baichuan2, whose normalised LM head is not the LLaMA layout: only Baichuan-7B is supported")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+            "rms_norm_eps", "hidden_act", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    config = LlamaConfig(**{k: raw[k] for k in keys if k in raw}, num_key_value_heads=raw["num_attention_heads"])
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")):
+        state.update(load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True))
+    for key in [k for k in state if k.endswith("self_attn.W_pack.weight")]:
+        prefix = key.removesuffix("W_pack.weight")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), state.pop(key).chunk(3)):
+            state[f"{prefix}{name}.weight"] = part
+    model = LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+# checkpoints whose own code is remote code, read as the supported family they are laid out as
+CONVERTED: dict[str, Callable[[Path, torch.dtype], tuple]] = {"baichuan": _baichuan_as_llama}
+
+
 def _load_dir(path: str | Path, dtype: torch.dtype):
     """A local directory or hub id. Pruned models saved by hywia load through hywia's own copy of the class in
     their modeling_hywia.py, so loading them here runs no code from the directory."""
     from transformers import AutoConfig, AutoTokenizer
+    raw = Path(path) / "config.json"
+    model_type = json.loads(raw.read_text()).get("model_type") if raw.is_file() else None
+    if model_type in CONVERTED:
+        return CONVERTED[model_type](Path(path), dtype)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
