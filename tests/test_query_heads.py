@@ -66,6 +66,27 @@ def test_compensation_is_available_to_every_criterion(calib_ids):
     assert not torch.allclose(logits(plain), logits(pruned))  # the compensation changed something
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_hywia_adaptive_defaults_to_query_heads_compensation_and_global_scope(family, calib_ids):
+    dense = tiny_model(family)
+    pruned, report = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    assert (report.scope, report.extra["attention_unit"], report.extra["compensate"]) == ("global", "query", True)
+    assert set(report.scores["alpha"]) == {f"{layer}.{kind}" for layer in range(3) for kind in ("query", "mlp")}
+    assert len({len(report.kept[f"{layer}.mlp"]) for layer in range(3)}) > 1  # per-layer ratios: layers differ
+    reference = mean_substituted_reference(dense, report.kept, calib_ids, "query")
+    assert (logits(pruned) - logits(reference)).abs().max().item() < 1e-4
+    same, again = prune(copy.deepcopy(dense), method="hywia", ratio=0.3, calib=calib_ids, fusion="evidence", attention_unit="query",
+                        compensate=True, scope="global")
+    assert again.kept == report.kept and torch.equal(logits(same), logits(pruned))  # exactly those four options of hywia
+
+
+def test_hywia_adaptive_uses_kv_groups_where_every_head_has_its_own(calib_ids):
+    _, report = prune(tiny_model("opt"), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    assert report.extra["attention_unit"] == "kv"
+    with pytest.raises(HywiaError, match="--fusion does not apply to --method hywia-adaptive"):
+        prune(tiny_model(), method="hywia-adaptive", ratio=0.3, calib=calib_ids, fusion="attention")
+
+
 @pytest.mark.parametrize("family, scope, compensate", [("llama", "layer", False), ("gemma3_text", "global", False),
                                                        ("qwen3", "joint", True)])
 def test_query_pruned_model_reloads_in_fresh_process(family, scope, compensate, tmp_path, tokenizer, calib_ids):

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="structured: hywia, saap, random, l1, l2, vector, element1, element2, "
+    p.add_argument("--method", default="element2", help="structured: hywia-adaptive, hywia, saap, random, l1, l2, vector, element1, element2, "
                    "wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
     p.add_argument("--ratio", type=float, default=None, help="structured: fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--sparsity", type=float, default=None, help="unstructured: fraction of the decoder weights to zero, 0 < s < 1")
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                    "joint: one ranking of every group (default: joint for flap, layer for the others)")
     p.add_argument("--target", default=None, help="attention, mlp or both (default)")
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
-    p.add_argument("--attention-unit", default=None, help="kv: remove whole KV groups (default); query: remove query heads, "
+    p.add_argument("--attention-unit", default=None, help="kv: remove whole KV groups (the default, except hywia-adaptive's query); query: remove query heads, "
                    "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    "or evidence (alpha per layer and kind chosen on held-out calibration windows, docs/method.md)")
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
-    p.add_argument("--normalize", default=None, help="hywia, saap: rank (default) or mean, how fine and coarse scores are put on one scale")
+    p.add_argument("--normalize", default=None, help="hywia, hywia-adaptive, saap: rank (default) or mean, how fine and coarse scores are put on one scale")
     p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 1, capped at 50%+ ratios); "
                    "mixed: sparsity spread over the sensitivity ranking, target +- spread (default 0.1)")
     p.add_argument("--granularity", default=None, help="mixed: layer (default) or matrix, the unit that gets its own sparsity")
@@ -154,7 +154,7 @@ def _prune(args) -> dict:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
         check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1,
-                      args.attention_unit or "kv")
+                      args.attention_unit)
         memory = Memory(args.layers_per_pass, args.stats_dtype or "float32", args.stats_device, args.checkpointing,
                         args.sequential, None if args.device in ACCELERATE_MAPS else args.device)
         memory.check()
@@ -173,7 +173,7 @@ def _prune(args) -> dict:
         model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=calib, samples=samples,
                               seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
                               min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
-                              batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit or "kv",
+                              batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit,
                               compensate=None if args.compensate is None else args.compensate == "yes", memory=memory,
                               **method_options)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731

@@ -129,7 +129,8 @@ class Criterion:
     `score` gets also carry the run's "ratio"), and `check`
     validates their values before any model is loaded. `scope` is the allocation the method is defined with
     (the default when none is asked for); `compensates` asks removal to fold the calibration mean of every removed
-    input column into the output bias (FLAP's bias compensation). `per_sample(sets, grads, scale)` maps one
+    input column into the output bias (FLAP's bias compensation); `attention_unit` the attention granularity it
+    is defined with. `per_sample(sets, grads, scale)` maps one
     sample's gradients (param name -> gradient, times `scale`) to named per-group values [total groups], whose
     moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
     `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
@@ -143,6 +144,7 @@ class Criterion:
     check: Callable[[dict], object] | None = None
     scope: str = "layer"
     compensates: bool = False
+    attention_unit: str = "kv"  # the default --attention-unit ("query" falls back to "kv" where heads have their own K/V)
     per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
     heldout: Callable[[dict], bool] | None = None
 

@@ -81,9 +81,9 @@ def _check_ratio_and_scope(ratio: float, scope: str) -> None:
 
 
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
-                  round_to: int = 1, attention_unit: str = "kv") -> None:
+                  round_to: int = 1, attention_unit: str | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
-    if attention_unit not in ATTENTION_UNITS:
+    if attention_unit is not None and attention_unit not in ATTENTION_UNITS:
         raise HywiaError(f"unknown --attention-unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     if round_to < 1:
         raise HywiaError(f"--round-to {round_to} must be at least 1")
@@ -406,7 +406,7 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
 def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
-          data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str = "kv",
+          data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str | None = None,
           compensate: bool | None = None, stats: Stats | None = None, memory: Memory | None = None,
           **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
@@ -415,7 +415,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     `layers` is 'START:END' over decoder blocks (default all). See the module docstring for `ratio` and `scope`
     (default: the method's own, `joint` for flap and `layer` for the others).
     `round_to` rounds every layer's kept MLP channels to a multiple of it (`round_kept`).
-    `attention_unit` prunes attention by whole KV groups ("kv") or by query heads, balanced per KV group ("query").
+    `attention_unit` prunes attention by whole KV groups ("kv") or by query heads, balanced per KV group ("query");
+    default: the method's own ("query" for hywia-adaptive, where the model has grouped-query attention; else "kv").
     `compensate` folds the removed inputs' calibration means into output biases (default: the criterion's own
     choice, True for flap only); any criterion can use it, the means cost one forward pass.
     `stats`, an empty `Stats(seed=seed)` or one a previous call filled, is filled in place and reused: a comparison of
@@ -437,6 +438,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
                          "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")
+    if attention_unit is None:
+        attention_unit = criterion.attention_unit if adapter_for(model.config).query is not None else "kv"
     sets = find_groups(model, target, layers, attention_unit)
     params_before = count_params(model)
     prunable_before = sum(s.count * s.params_per_group for s in sets)

@@ -15,6 +15,9 @@ normalisation, and why, are in docs/method.md.
 ranking, cut at the layer's share, removes the groups whose loss the layer's output feels least on a held-out draw
 of calibration windows (the expected squared error of the output projection, tr(W_R E[x_R x_R^T] W_R^T), centred
 when removal compensates with the means). It costs one forward pass and a few small matrix products per layer.
+
+`hywia-adaptive` is that fusion with the structure and allocation that measured best (docs/method.md, issue 11):
+query heads as the attention unit, removed inputs' means folded into the biases, and global scope.
 """
 from __future__ import annotations
 
@@ -117,3 +120,14 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
 
 register("hywia", Criterion(fuse, needs_grad=True, needs_fisher=True, options=("fusion", "alpha", "fusion_dim", "normalize"),
                             check=fusion_options, heldout=lambda options: options.get("fusion") == "evidence"))
+
+
+def _adaptive(options: dict) -> dict:
+    return {**options, "fusion": "evidence"}
+
+
+# hywia's best measured configuration (docs/RESULTS.md, "HyWIA's own method"): evidence fusion over query heads with
+# bias compensation and one ranking per kind across layers (per-layer ratios). `--method hywia` stays the paper's.
+register("hywia-adaptive", Criterion(lambda sets, stats, options: fuse(sets, stats, _adaptive(options)), needs_grad=True,
+                                     needs_fisher=True, options=("normalize",), check=lambda options: fusion_options(_adaptive(options)),
+                                     heldout=lambda options: True, scope="global", compensates=True, attention_unit="query"))
