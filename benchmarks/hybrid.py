@@ -1,5 +1,8 @@
 """Issue 11: each ingredient of hywia's own method, paired against the one before it, next to the baselines it
-has to beat (Element² at 20%, FLAP with per-layer allocation at 50%), over calibration seeds, no recovery.
+has to beat (Element² at 20%, FLAP with per-layer allocation at 50%), over calibration seeds, no recovery. The
+chain ends at `--method hywia-adaptive`; an ablation row ("- ...") removes one ingredient from it again, and the
+"... as hywia-adaptive" rows give the baselines' own scores the same structure, allocation and split, so what the
+hybrid scores themselves add is measured apart from what the structure adds.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
     python benchmarks/report.py          # the tables in docs/RESULTS.md
@@ -39,8 +42,17 @@ CONFIGS = {
     "+ compensation": {"method": "hywia", "fusion": "evidence", "attention_unit": "query", "compensate": True},
     # per-layer ratios: one ranking per kind over all layers, so query-head steps go where they cost least
     "+ global scope": {"method": "hywia", "fusion": "evidence", "attention_unit": "query", "compensate": True, "scope": "global"},
+    # the attention/MLP split of the budget chosen by held-out calibration loss (hywia.split): all of hywia-adaptive
+    "+ evidence split": {"method": "hywia-adaptive"},
+    # ablation of the last row: paired with it ("-" rows, like "+" rows, are paired with the row before them)
+    "- compensation": {"method": "hywia-adaptive", "compensate": False},
+    # the same structure, allocation and split under the baselines' own scores: what the hybrid scores add
     "element2 + query heads + compensation": {"method": "element2", "attention_unit": "query", "compensate": True},
+    "element2 as hywia-adaptive": {"method": "element2", "attention_unit": "query", "compensate": True, "scope": "global",
+                                   "kind_split": "evidence"},
+    "flap as hywia-adaptive": {"method": "flap", "attention_unit": "query", "scope": "global", "kind_split": "evidence"},
 }
+NAMED = {"+ evidence split": "--method hywia-adaptive"}  # chain rows that a method name gives in one flag (tested equal)
 
 
 def main() -> None:
@@ -73,10 +85,10 @@ def main() -> None:
                     model = model.to(torch.bfloat16)
                     ppl = {text: perplexity(model, tokenizer, data, seq_len=128, max_windows=args.windows, data_dir=args.data_dir).ppl
                            for text, data in (("heldout", heldout_text), ("test", "wikitext2"))}
-                    alphas = {k: round(v[0].item(), 2) for k, v in report.scores.get("alpha", {}).items()} if config.startswith("+") else {}
+                    alphas = {k: round(v[0].item(), 2) for k, v in report.scores.get("alpha", {}).items()} if config.startswith(("+", "-")) else {}
                     row = {"key": key, "model": name, "seed": seed, "ratio": ratio, "config": config, "options": CONFIGS[config],
                            "achieved_ratio": report.achieved_ratio, "params_after": report.params_after, "ppl": ppl,
-                           "alphas": alphas, "prune_seconds": seconds, "shared_stats": shared, "process_peak_rss_mb": _peak_rss_mb(),
+                           "alphas": alphas, "kind_split": report.extra.get("kind_split_evidence"), "prune_seconds": seconds, "shared_stats": shared, "process_peak_rss_mb": _peak_rss_mb(),
                            "windows": args.windows, "machine": machine()}
                     with args.results.open("a") as f:
                         f.write(json.dumps(row) + "\n")

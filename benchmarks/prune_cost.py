@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hywia.bench import Row, run_row
 
-METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp", "flap"]
+METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp", "flap", "hywia-adaptive"]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -135,16 +135,34 @@ def sparsity_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sparsity_seeds_table(records: list[dict]) -> str:
+    """Mixed sparsity over SparseGPT per calibration seed (WikiText-2 ppl ratio, both protocols): seed 0 from the
+    full grid (benchmarks/results/sparsity.jsonl), further seeds from sparsity_seeds.jsonl; paired within a seed."""
+    ppl = {(json.loads(r["key"])["seed"], r["method"], r["level"]): r for r in records if not r.get("wbits")}
+    lines = ["| sparsity | protocol | seeds | mixed / SparseGPT (mean ± std) | per seed | mixed ppl | SparseGPT ppl |",
+             "|---|---|---|---|---|---|---|"]
+    for level in sorted({k[2] for k in ppl if k[1] == "mixed"}):
+        seeds = sorted(s for (s, m, l) in ppl if (m, l) == ("mixed", level) and (s, "sparsegpt", level) in ppl)
+        for protocol in ("ppl_128", "ppl_2048"):
+            mixed = [ppl[(s, "mixed", level)][protocol]["wikitext2"]["ppl"] for s in seeds]
+            sparsegpt = [ppl[(s, "sparsegpt", level)][protocol]["wikitext2"]["ppl"] for s in seeds]
+            ratios = [a / b for a, b in zip(mixed, sparsegpt)]
+            lines.append(f"| {level} | {protocol[4:]} tokens | {len(seeds)} | {cell(ratios, 3)} | {', '.join(f'{x:.3f}' for x in ratios)} | "
+                         f"{cell(mixed)} | {cell(sparsegpt)} |")
+    return "\n".join(lines)
+
+
 def hybrid_table(records: list[dict]) -> str:
     """benchmarks/hybrid.py: per model and ratio, each configuration's WikiText-2 test and held-out (validation) ppl
     over seeds, its per-seed ratio to the row before it (the ingredient it adds) and to the baseline to beat."""
+    from hybrid import CONFIGS, NAMED  # the chain's order, and the configurations that have a --method name of their own
+    chain = list(CONFIGS)
     baseline = {0.2: "element2", 0.5: "flap (layer scope)"}
     by = {(r["model"], r["ratio"], r["config"], r["seed"]): r for r in records}
-    lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / row above (test, per seed) | / baseline (test, per seed) | alphas (attention; MLP) | prune s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / row above (test, per seed) | / baseline (test, per seed) | "
+             "alphas (attention; MLP) | attention share removed (per seed) | prune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, ratio in sorted({(r["model"], r["ratio"]) for r in records}):
-        configs = list(dict.fromkeys(r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)))
-        previous = None
+        configs = sorted({r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)}, key=chain.index)
         for config in configs:
             rows = [by[k] for k in sorted(by) if k[:3] == (model, ratio, config)]
             seeds = [r["seed"] for r in rows]
@@ -158,12 +176,13 @@ def hybrid_table(records: list[dict]) -> str:
             attention = [a for k, a in alphas if not k.endswith("mlp")]
             mlp = [a for k, a in alphas if k.endswith("mlp")]
             alpha_text = f"{statistics.mean(attention):.2f}; {statistics.mean(mlp):.2f}" if attention and mlp else "-"
+            shares = [f"{r['kind_split']['attention_share']:.2f}" for r in rows if r.get("kind_split")]
             unshared = [r["prune_seconds"] for r in rows if not r.get("shared_stats")]
             seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
-            chained = previous if config.startswith("+") else None
-            lines.append(f"| {model} | {ratio:.0%} | {config} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
-                         f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {alpha_text} | {seconds} |")
-            previous = config
+            chained = chain[chain.index(config) - 1] if config.startswith(("+", "-")) else None
+            name = f"{config} (= {NAMED[config]})" if config in NAMED else config
+            lines.append(f"| {model} | {ratio:.0%} | {name} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
+                         f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {alpha_text} | {', '.join(shares) or '-'} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -217,11 +236,12 @@ def defaults_table(records: list[dict]) -> str:
 
 if __name__ == "__main__":
     rows = load("table1.jsonl")
-    if rows:
-        print("## Table 1 (SmolLM2-135M)\n")
-        print(table1(rows))
-        print("\n## Table 1, both perplexity protocols\n")
-        print(table1_long(rows))
+    for model in dict.fromkeys(json.loads(r["key"])["model"] for r in rows):  # one table per model, first measured first
+        mine = [r for r in rows if json.loads(r["key"])["model"] == model]
+        print(f"## Table 1 ({model})\n")
+        print(table1(mine))
+        print(f"\n## Table 1 ({model}), both perplexity protocols\n")
+        print(table1_long(mine))
     from hywia.speed import markdown
     sections = [  # (results file, heading, table of its records)
         ("sparsity.jsonl", "Unstructured and N:M (SmolLM2-135M)", sparsity_table),
@@ -232,6 +252,10 @@ if __name__ == "__main__":
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
     ]
+    seeds = load("sparsity_seeds.jsonl")
+    if seeds:
+        print("\n## Mixed sparsity over SparseGPT, per calibration seed\n")
+        print(sparsity_seeds_table(load("sparsity.jsonl") + seeds))
     for name, heading, table in sections:
         records = load(name)
         if records:

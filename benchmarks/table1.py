@@ -32,6 +32,7 @@ from hywia.bench import _hywia, machine  # noqa: E402
 
 METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are made (most important first)
     "hywia": ["--method", "hywia"],
+    "hywia-adaptive": ["--method", "hywia-adaptive"],
     "element2": ["--method", "element2"],
     "flap (layer scope)": ["--method", "flap", "--scope", "layer"],
     "wanda_sp": ["--method", "wanda_sp"],

@@ -47,6 +47,9 @@ def test_prune_then_eval(model_dir, text_dir, tmp_path, capsys):
     (["--ratio", "0.2", "--calib", "/no/such/file.txt"], "unknown dataset"),
     (["--ratio", "0.2", "--data-dir", "/no/such/dir"], "data dir /no/such/dir does not exist"),
     (["--ratio", "0.2", "--attention-unit", "heads"], "unknown --attention-unit 'heads'"),
+    (["--ratio", "0.2", "--kind-split", "half"], "unknown --kind-split 'half'"),
+    (["--ratio", "0.2", "--method", "flap", "--kind-split", "evidence"], "does not apply to --scope joint"),
+    (["--sparsity", "0.5", "--method", "wanda", "--kind-split", "evidence"], "--kind-split does not apply to --method wanda"),
 ])
 def test_bad_prune_inputs_are_one_line(model_dir, tmp_path, capsys, extra, message):
     code, _, err = run(capsys, "prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *extra)

@@ -69,8 +69,9 @@ def test_every_criterion_equals_masked_dense(method, calib_ids):
     dense = tiny_model("llama")
     pruned, report = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, seed=3)
     assert report.params_after < report.params_before
-    reference = mean_substituted_reference(dense, report.kept, calib_ids) if CRITERIA[method].compensates \
-        else masked_reference(dense, report.kept)
+    unit = report.extra["attention_unit"]  # the method's own: query heads for hywia-adaptive
+    reference = mean_substituted_reference(dense, report.kept, calib_ids, unit) if CRITERIA[method].compensates \
+        else masked_reference(dense, report.kept, unit)
     diff = (logits(pruned) - logits(reference)).abs().max().item()
     assert diff < 1e-4, diff
 

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="START:END decoder blocks to prune (Python slice), default all")
     p.add_argument("--attention-unit", default=None, help="kv: remove whole KV groups (the default, except hywia-adaptive's query); query: remove query heads, "
                    "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
+    p.add_argument("--kind-split", default=None, help="how the budget splits between attention and MLP: ratio (the same fraction "
+                   "of each), evidence (the split with the lowest held-out calibration loss) or the fraction of attention to remove "
+                   "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
@@ -119,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
+                   "attention_unit", "kind_split", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 
 
@@ -154,7 +157,7 @@ def _prune(args) -> dict:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
         check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1,
-                      args.attention_unit)
+                      args.attention_unit, args.kind_split)
         memory = Memory(args.layers_per_pass, args.stats_dtype or "float32", args.stats_device, args.checkpointing,
                         args.sequential, None if args.device in ACCELERATE_MAPS else args.device)
         memory.check()
@@ -174,7 +177,8 @@ def _prune(args) -> dict:
                               seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
                               min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
                               batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit,
-                              compensate=None if args.compensate is None else args.compensate == "yes", memory=memory,
+                              compensate=None if args.compensate is None else args.compensate == "yes",
+                              kind_split=args.kind_split, memory=memory,
                               **method_options)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}

@@ -110,6 +110,7 @@ class Stats:
     inputs: dict[str, Moments] = field(default_factory=dict)
     samples: dict[str, Moments] = field(default_factory=dict)
     heldout: dict[str, Moments] = field(default_factory=dict)  # output projections' inputs on a second calibration draw
+    heldout_ids: torch.Tensor | None = None  # that draw's windows [n, seq_len]
     seed: int = 0
 
 
@@ -130,7 +131,7 @@ class Criterion:
     validates their values before any model is loaded. `scope` is the allocation the method is defined with
     (the default when none is asked for); `compensates` asks removal to fold the calibration mean of every removed
     input column into the output bias (FLAP's bias compensation); `attention_unit` the attention granularity it
-    is defined with. `per_sample(sets, grads, scale)` maps one
+    is defined with, and `kind_split` how it splits the budget between attention and MLP. `per_sample(sets, grads, scale)` maps one
     sample's gradients (param name -> gradient, times `scale`) to named per-group values [total groups], whose
     moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
     `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
@@ -145,6 +146,7 @@ class Criterion:
     scope: str = "layer"
     compensates: bool = False
     attention_unit: str = "kv"  # the default --attention-unit ("query" falls back to "kv" where heads have their own K/V)
+    kind_split: str = "ratio"  # the default --kind-split (hywia.split)
     per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
     heldout: Callable[[dict], bool] | None = None
 

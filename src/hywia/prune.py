@@ -1,13 +1,8 @@
 """Rank, allocate and physically remove groups: load -> groups -> statistics -> scores -> allocation -> removal.
 
-`ratio` is the fraction of the *prunable* parameters (the grouped projections of the selected layers) to
-remove. Attention groups are coarse (one KV head with its query heads: hundreds of thousands of parameters)
-and MLP channels fine, so a ratio cannot be met by removing the same fraction of each: the coarser kind
-removes round(ratio * count) groups and the finer kind takes whatever parameter budget is left, which lands the
-achieved ratio within one MLP channel of the request. `scope="layer"` does this per layer (LLM-Pruner's
-block-wise default); `scope="global"` ranks each kind across all selected layers; `scope="joint"` ranks every
-group of every kind and layer in one list, each costing its own parameters (FLAP's adaptive structure: how much
-attention and how much MLP goes is then the scores' decision, so they must share one scale).
+`ratio` is the fraction of the *prunable* parameters (the grouped projections of the selected layers) to remove;
+`scope` says over what the budget is shared (hywia.allocate), `kind_split` how it splits between attention and
+MLP (hywia.split). Removal replaces every member Linear by a smaller one, so the result is a dense model.
 """
 from __future__ import annotations
 
@@ -19,16 +14,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .adapters import adapter_for
+from .allocate import allocate, check_ratio_and_scope, round_kept
 from .data import calibration_ids
 from .errors import HywiaError
-from .adapters import adapter_for
 from .grouping import ATTENTION_UNITS, LayerGroups, Part, find_groups, head_counts
-from .remote import sync_head_counts
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
-
-# transformers' attention cannot run a layer with zero heads; an MLP with zero channels simply adds nothing.
-MIN_KEEP_FLOOR = {"attention": 1, "query": 1, "mlp": 0}
-SCOPES = ("layer", "global", "joint")
+from .remote import sync_head_counts
+from .split import attention_kind, check_split, choose_attention_share
 
 
 @dataclass
@@ -61,145 +54,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _lowest(candidates: list[tuple[float, int, int]], n: int, left: list[int], floors: list[int]) -> list[tuple[int, int]]:
-    """The n lowest-scored (set, group) pairs, skipping those that would take a set below its floor."""
-    picked = []
-    for _, s, g in sorted(candidates):
-        if len(picked) == n:
-            break
-        if left[s] > floors[s]:
-            picked.append((s, g))
-            left[s] -= 1
-    return picked
-
-
-def _check_ratio_and_scope(ratio: float, scope: str) -> None:
-    if not 0 < ratio < 1:
-        raise HywiaError(f"--ratio {ratio} is out of range: give the fraction of prunable parameters to remove, 0 < ratio < 1")
-    if scope not in SCOPES:
-        raise HywiaError(f"unknown scope '{scope}': use {', '.join(SCOPES)}")
-
-
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
-                  round_to: int = 1, attention_unit: str | None = None) -> None:
+                  round_to: int = 1, attention_unit: str | None = None, kind_split: str | float | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
     if attention_unit is not None and attention_unit not in ATTENTION_UNITS:
         raise HywiaError(f"unknown --attention-unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     if round_to < 1:
         raise HywiaError(f"--round-to {round_to} must be at least 1")
     criterion = get_criterion(method, method_options)
-    _check_ratio_and_scope(ratio, scope or criterion.scope)
+    check_ratio_and_scope(ratio, scope or criterion.scope)
+    check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
-
-
-@dataclass
-class _Steps:
-    """A balanced LayerGroups as the allocator sees it: step j removes the j-th lowest-scored group of every block
-    and scores their sum, so n steps leave every block (every KV group) the same number of groups."""
-
-    layer: int
-    kind: str
-    count: int  # steps: groups per block
-    params_per_group: int  # parameters of one step: one group from every block
-    order: torch.Tensor  # [blocks, count] group ids of each block, lowest score first
-    blocks: int = 1
-
-
-def _balanced(s: LayerGroups, score: torch.Tensor) -> tuple[_Steps, torch.Tensor]:
-    per_block = score.reshape(s.blocks, -1)
-    values, order = per_block.sort(dim=1, stable=True)
-    order = order + per_block.shape[1] * torch.arange(s.blocks)[:, None]
-    return _Steps(s.layer, s.kind, per_block.shape[1], s.blocks * s.params_per_group, order), values.sum(0)
-
-
-def allocate(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, scope: str = "layer",
-             min_keep: int = 1, layer_ratios: dict[int, float] | None = None) -> list[torch.Tensor]:
-    """Group ids to remove from each LayerGroups (lowest scores first), meeting `ratio` of prunable parameters.
-    With `layer_ratios` (scope "layer"), layer L removes layer_ratios[L] of its own parameters instead.
-    Balanced sets (query heads) are allocated in steps, one group from every block at a time (`_Steps`)."""
-    if any(s.blocks > 1 for s in sets):
-        views = [_balanced(s, score) if s.blocks > 1 else (s, score) for s, score in zip(sets, scores)]
-        steps = allocate([v for v, _ in views], [t for _, t in views], ratio, scope, min_keep, layer_ratios)
-        # steps leave in score order, so n removed steps are the first n of every block's ranking
-        return [v.order[:, :len(r)].flatten().sort().values if isinstance(v, _Steps) else r for (v, _), r in zip(views, steps)]
-    _check_ratio_and_scope(ratio, scope)
-    floors = [max(min_keep, MIN_KEEP_FLOOR[s.kind]) for s in sets]
-    if scope == "joint":
-        return _allocate_joint(sets, scores, ratio, floors)
-    left = [s.count for s in sets]
-    removed: list[list[int]] = [[] for _ in sets]
-    # a scope is a bundle of sets that share one parameter budget: one layer, or all layers at once
-    bundles = [[i for i, s in enumerate(sets) if s.layer == layer] for layer in dict.fromkeys(s.layer for s in sets)]
-    if scope == "global":
-        bundles = [list(range(len(sets)))]
-    for bundle in bundles:
-        kinds = sorted({sets[i].kind for i in bundle}, key=lambda k: -next(sets[i].params_per_group for i in bundle if sets[i].kind == k))
-        share = ratio if scope == "global" or layer_ratios is None else layer_ratios.get(sets[bundle[0]].layer, ratio)
-        budget = share * sum(sets[i].count * sets[i].params_per_group for i in bundle)
-        for position, kind in enumerate(kinds):
-            members = [i for i in bundle if sets[i].kind == kind]
-            per_group = sets[members[0]].params_per_group
-            total = sum(sets[i].count for i in members)
-            last = position == len(kinds) - 1
-            n = max(0, round(budget / per_group)) if last else round(share * total)
-            if scope == "layer" and n > total - floors[members[0]]:
-                raise HywiaError(
-                    f"--ratio {share:.3g} would leave layer {sets[members[0]].layer} with fewer than {floors[members[0]]} {kind} groups "
-                    f"(it has {total}); lower --ratio" + (" or pass --min-keep 0" if kind == "mlp" else ""))
-            candidates = [(value, i, g) for i in members for g, value in enumerate(scores[i].tolist())]
-            picked = _lowest(candidates, n, left, floors)
-            if len(picked) < n:
-                raise HywiaError(f"--ratio {ratio} is impossible: keeping at least {floors[members[0]]} {kind} groups per layer, "
-                                 f"only {len(picked)} of the {n} {kind} groups asked for can go; lower --ratio")
-            for i, g in picked:
-                removed[i].append(g)
-            budget -= len(picked) * per_group
-    return _as_tensors(removed, ratio)
-
-
-def _as_tensors(removed: list[list[int]], ratio: float) -> list[torch.Tensor]:
-    if not any(removed):
-        raise HywiaError(f"--ratio {ratio} is too small to remove a single group; raise --ratio")
-    return [torch.tensor(sorted(r), dtype=torch.long) for r in removed]
-
-
-def _allocate_joint(sets: list[LayerGroups], scores: list[torch.Tensor], ratio: float, floors: list[int]) -> list[torch.Tensor]:
-    """One ranking over every group: take the lowest-scored groups while they fit in the parameter budget (a group
-    that would overshoot it by more than half the smallest group is passed over for cheaper ones further up)."""
-    budget = ratio * sum(s.count * s.params_per_group for s in sets)
-    slack = min(s.params_per_group for s in sets) / 2
-    left = [s.count for s in sets]
-    removed: list[list[int]] = [[] for _ in sets]
-    taken = 0
-    for _, i, g in sorted((value, i, g) for i, t in enumerate(scores) for g, value in enumerate(t.tolist())):
-        cost = sets[i].params_per_group
-        if taken + cost <= budget + slack and left[i] > floors[i]:
-            removed[i].append(g)
-            left[i] -= 1
-            taken += cost
-    return _as_tensors(removed, ratio)
-
-
-def round_kept(sets: list[LayerGroups], scores: list[torch.Tensor], removed: list[torch.Tensor], multiple: int) -> list[torch.Tensor]:
-    """Move each MLP's kept channel count to the nearest multiple of `multiple` (hardware-friendly matmul widths):
-    the lowest-scored kept channels go, or the highest-scored removed ones come back. Attention is untouched (a
-    head is already a multiple of head_dim). The achieved ratio moves by less than `multiple` channels a layer."""
-    if multiple <= 1:
-        return removed
-    rounded = []
-    for s, score, gone in zip(sets, scores, removed):
-        kept = s.count - len(gone)
-        target = min(s.count, max(multiple, multiple * round(kept / multiple))) if s.kind == "mlp" else kept
-        gone_set = set(gone.tolist())
-        if target < kept:
-            extra = sorted((v, g) for g, v in enumerate(score.tolist()) if g not in gone_set)[:kept - target]
-            gone_set |= {g for _, g in extra}
-        elif target > kept:
-            back = sorted(((v, g) for g, v in enumerate(score.tolist()) if g in gone_set), reverse=True)[:target - kept]
-            gone_set -= {g for _, g in back}
-        rounded.append(torch.tensor(sorted(gone_set), dtype=torch.long))
-    return rounded
 
 
 def _kept(count: int, removed: torch.Tensor) -> list[int]:
@@ -364,13 +230,15 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
 HELDOUT_SEED = 1_000_003  # the held-out draw uses seed + this, so it never repeats the calibration draw's seed
 
 
-def heldout_moments(model: nn.Module, tokenizer, sets: list[LayerGroups], calib: str | torch.Tensor, samples: int,
-                    seq_len: int, seed: int, data_dir: str | None, batch_size: int) -> dict:
-    """Full input second moments of every output projection (o_proj, down_proj) on a second draw of calibration
-    windows (the same tensor when calibration came as ids), for criteria that weigh evidence on held-out data."""
-    ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed + HELDOUT_SEED, data_dir)
-    readers = {s.reader.name for s in sets}
-    return collect_inputs(model, ids, readers, batch_size, outer=True)
+def heldout_stats(model: nn.Module, tokenizer, sets: list[LayerGroups], stats: Stats, moments: bool, calib: str | torch.Tensor,
+                  samples: int, seq_len: int, seed: int, data_dir: str | None, batch_size: int) -> None:
+    """A second draw of calibration windows (the same tensor when calibration came as ids) into `stats.heldout_ids`,
+    and with `moments` the full input second moments of every output projection (o_proj, down_proj) on it, for
+    choices that weigh evidence on held-out data (evidence fusion, the evidence kind split). Kept parts are kept."""
+    if stats.heldout_ids is None:
+        stats.heldout_ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed + HELDOUT_SEED, data_dir)
+    if moments and not stats.heldout:
+        stats.heldout = collect_inputs(model, stats.heldout_ids, {s.reader.name for s in sets}, batch_size, outer=True)
 
 
 def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
@@ -389,15 +257,17 @@ def kept_params_per_layer(sets: list[LayerGroups], removed: list[torch.Tensor]) 
 
 
 def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.Tensor]], ratio: float,
-                        min_keep: int) -> dict[str, dict[str, dict[int, int]]]:
-    """Kept parameters per layer if each kept score alone drove the pruning, under both scopes (for figures)."""
+                        min_keep: int, attention_share: float | None = None) -> dict[str, dict[str, dict[int, int]]]:
+    """Kept parameters per layer if each kept score alone drove the pruning, under both scopes and the run's split
+    of the budget between attention and MLP (for figures)."""
     compared: dict[str, dict[str, dict[int, int]]] = {}
     for scope in ("layer", "global"):
         compared[scope] = {}
         for name in ("fine", "coarse", "fused"):
             if name in details:
                 try:
-                    compared[scope][name] = kept_params_per_layer(sets, allocate(sets, details[name], ratio, scope, min_keep))
+                    compared[scope][name] = kept_params_per_layer(sets, allocate(sets, details[name], ratio, scope, min_keep,
+                                                                                  attention_share=attention_share))
                 except HywiaError:  # e.g. a global ranking by one granularity alone that would empty a layer
                     pass
     return compared
@@ -407,8 +277,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str | None = None,
-          compensate: bool | None = None, stats: Stats | None = None, memory: Memory | None = None,
-          **method_options) -> tuple[nn.Module, PruneReport]:
+          compensate: bool | None = None, kind_split: str | float | None = None, stats: Stats | None = None,
+          memory: Memory | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
@@ -419,6 +289,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     default: the method's own ("query" for hywia-adaptive, where the model has grouped-query attention; else "kv").
     `compensate` folds the removed inputs' calibration means into output biases (default: the criterion's own
     choice, True for flap only); any criterion can use it, the means cost one forward pass.
+    `kind_split` splits the budget between attention and MLP: "ratio" (the same fraction of each), a number (the
+    fraction of attention removed), or "evidence" (the candidate with the lowest held-out calibration loss,
+    hywia.split); default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `stats`, an empty `Stats(seed=seed)` or one a previous call filled, is filled in place and reused: a comparison of
     several options of one criterion on one dense model and calibration draw collects gradients once (the caller
     keeps model, calibration and seed the same; a per-sample criterion like SAAP's needs its own).
@@ -430,11 +303,12 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
-    check_options(method, ratio, scope, target, method_options, round_to, attention_unit)
+    check_options(method, ratio, scope, target, method_options, round_to, attention_unit, kind_split)
     memory = memory or Memory()
     memory.check()
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
+    kind_split = criterion.kind_split if kind_split is None else kind_split
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
                          "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")
@@ -452,23 +326,29 @@ def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: flo
     if stats is not None and stats.seed != seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
-    if criterion.heldout is not None and criterion.heldout(method_options) and not stats.heldout:
-        stats.heldout = heldout_moments(model, tokenizer, sets, calib, samples, seq_len, seed, data_dir, batch_size)
-    if stats.heldout:
+    moments = criterion.heldout is not None and criterion.heldout(method_options)
+    split_by_evidence = kind_split == "evidence" and attention_kind(sets) is not None
+    if moments or split_by_evidence:
+        heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
         calib_record["heldout_seed"] = seed + HELDOUT_SEED
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
-    removed = round_kept(sets, scores.per_set, allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios), round_to)
+    means = {name: moments.mean for name, moments in stats.inputs.items()} if compensate else None
+    allocation = lambda share: allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios, share)  # noqa: E731
     stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
-                   "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
+                   "kind_split": kind_split, "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
+    share = None if kind_split in ("ratio", "evidence") else float(kind_split)
+    if split_by_evidence:
+        share, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size)
+        extra["kind_split_evidence"] = {"attention_share": share, "heldout_loss": losses}
+    removed = round_kept(sets, scores.per_set, allocation(share), round_to)
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
-        extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep)
+        extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep, share)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     kept = {f"{s.layer}.{s.kind}": _kept(s.count, r) for s, r in zip(sets, removed)}
-    means = {name: moments.mean for name, moments in stats.inputs.items()} if compensate else None
     remove_groups(model, sets, removed, means)
     after_sets = find_groups(model, target, layers, attention_unit)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)

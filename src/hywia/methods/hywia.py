@@ -17,7 +17,8 @@ of calibration windows (the expected squared error of the output projection, tr(
 when removal compensates with the means). It costs one forward pass and a few small matrix products per layer.
 
 `hywia-adaptive` is that fusion with the structure and allocation that measured best (docs/method.md, issue 11):
-query heads as the attention unit, removed inputs' means folded into the biases, and global scope.
+query heads as the attention unit, removed inputs' means folded into the biases, global scope, and the split of
+the budget between attention and MLP chosen by held-out calibration loss (hywia.split).
 """
 from __future__ import annotations
 
@@ -127,7 +128,9 @@ def _adaptive(options: dict) -> dict:
 
 
 # hywia's best measured configuration (docs/RESULTS.md, "HyWIA's own method"): evidence fusion over query heads with
-# bias compensation and one ranking per kind across layers (per-layer ratios). `--method hywia` stays the paper's.
+# bias compensation, one ranking per kind across layers (per-layer ratios) and the attention/MLP split chosen by
+# held-out calibration loss. `--method hywia` stays the paper's.
 register("hywia-adaptive", Criterion(lambda sets, stats, options: fuse(sets, stats, _adaptive(options)), needs_grad=True,
                                      needs_fisher=True, options=("normalize",), check=lambda options: fusion_options(_adaptive(options)),
-                                     heldout=lambda options: True, scope="global", compensates=True, attention_unit="query"))
+                                     heldout=lambda options: True, scope="global", compensates=True, attention_unit="query",
+                                     kind_split="evidence"))

@@ -1,0 +1,98 @@
+"""How the budget is split between attention and MLP (`kind_split`), and choosing that split by evidence.
+
+A ratio can be met with more attention and less MLP or the reverse. The default split ("ratio") removes the same
+fraction of each kind: the coarser kind (attention) removes round(ratio x its groups) and the finer one (MLP)
+takes what is left of the budget. Models disagree about which kind is cheaper to cut: on Gemma-3-270M (one KV
+head, four query heads a layer) Element² at the default split removes MLP only, because one KV group cannot go,
+and beats the same scores when they must also take 20% of the query heads. So the split is a choice, and
+`kind_split="evidence"` makes it on the held-out calibration draw: each candidate attention share (MULTIPLES of the
+ratio) is allocated with the same scores and scope, applied to the dense model as masks (the removed groups' inputs
+to o_proj / down_proj zeroed, or set to their calibration means when removal compensates: equal to removing them,
+tested), and charged the mean token loss of the held-out windows; the lowest loss wins. That is one forward pass of
+the held-out windows per candidate, no copy of the model, and the test split is never read.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import HywiaError
+from .grouping import LayerGroups
+
+MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
+SPLITS = ("ratio", "evidence")
+
+
+def check_split(kind_split: str | float, scope: str) -> None:
+    if isinstance(kind_split, str) and kind_split not in SPLITS:
+        try:
+            kind_split = float(kind_split)
+        except ValueError:
+            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, or the fraction of attention "
+                             "parameters to remove (e.g. 0.1)") from None
+    if not isinstance(kind_split, str) and not 0 <= float(kind_split) < 1:
+        raise HywiaError(f"--kind-split {kind_split} is out of range: give the fraction of attention parameters to remove, 0 <= x < 1")
+    if kind_split != "ratio" and scope == "joint":
+        raise HywiaError("--kind-split does not apply to --scope joint, where one ranking of every group decides the split; "
+                         "use --scope global or layer")
+
+
+def attention_kind(sets: list[LayerGroups]) -> str | None:
+    """The kind that stands for attention in `sets` (KV groups or query heads), None when only MLP is pruned."""
+    kinds = {s.kind for s in sets}
+    return next((k for k in ("attention", "query") if k in kinds), None) if "mlp" in kinds else None
+
+
+@contextmanager
+def masked(sets: list[LayerGroups], removed: list[torch.Tensor], means: dict[str, torch.Tensor] | None = None):
+    """Within the block, the model computes as if `removed` were gone: each output projection sees the removed
+    groups' input columns as zero (or as their calibration mean, `means` by module name, as compensation does)."""
+    columns: dict[str, tuple[nn.Module, list[torch.Tensor]]] = {}
+    for s, gone in zip(sets, removed):
+        if len(gone):
+            columns.setdefault(s.reader.name, (s.reader.module, []))[1].append(s.reader.indices(gone))
+
+    def hook(name: str, dropped: torch.Tensor) -> Callable:
+        def pre(module, args):
+            x = args[0].clone()
+            index = dropped.to(x.device)
+            x[..., index] = means[name].to(x.device, x.dtype)[index] if means is not None else 0
+            return (x, *args[1:])
+        return pre
+
+    handles = [module.register_forward_pre_hook(hook(name, torch.cat(parts))) for name, (module, parts) in columns.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss of `ids` [n, seq_len] (every window weighs the same)."""
+    device = next(model.parameters()).device
+    losses = [model(input_ids=batch.to(device), labels=batch.to(device)).loss.float().item() * len(batch)
+              for batch in ids.split(batch_size)]
+    return sum(losses) / len(ids)
+
+
+def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], model: nn.Module, sets: list[LayerGroups],
+                           ratio: float, ids: torch.Tensor, means: dict[str, torch.Tensor] | None,
+                           batch_size: int) -> tuple[float, dict[float, float]]:
+    """The candidate attention share whose allocation (`allocate(share)` -> removed groups per set) leaves the
+    lowest held-out loss, and every feasible candidate's loss. Candidates the floors make impossible are skipped."""
+    losses: dict[float, float] = {}
+    for share in sorted({round(m * ratio, 6) for m in MULTIPLES}):
+        try:
+            removed = allocate(share)
+        except HywiaError:  # more attention than the floors allow, or an MLP that would have to empty a layer
+            continue
+        with masked(sets, removed, means):
+            losses[share] = heldout_loss(model, ids, batch_size)
+    if not losses:
+        raise HywiaError(f"--kind-split evidence found no feasible split at --ratio {ratio}; lower --ratio")
+    return min(losses, key=lambda share: (losses[share], abs(share - ratio))), losses

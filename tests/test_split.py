@@ -1,0 +1,54 @@
+"""The split of the budget between attention and MLP (hywia.split): a fixed split removes what it says, masks
+equal removal, and the evidence split picks the candidate whose pruned model has the lowest held-out loss."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import tiny_model
+from hywia import HywiaError, prune
+from hywia.split import heldout_loss
+
+
+def removed_fraction(report, kind: str) -> float:
+    rows = [r for r in report.per_layer if r["kind"] == kind]
+    return 1 - sum(r["params_after"] for r in rows) / sum(r["params_before"] for r in rows)
+
+
+@pytest.mark.parametrize("unit, kind", [("kv", "attention"), ("query", "query")])
+def test_fixed_split_removes_that_fraction_of_attention_and_still_meets_the_ratio(unit, kind, calib_ids):
+    for share in (0.0, 0.5):
+        _, report = prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, scope="global", attention_unit=unit,
+                          kind_split=share)
+        assert removed_fraction(report, kind) == pytest.approx(share)
+        assert report.achieved_ratio == pytest.approx(0.3, abs=0.02)  # MLP took the rest of the budget
+
+
+@pytest.mark.parametrize("family, compensate", [("llama", True), ("gemma3_text", False), ("qwen3", True)])
+def test_evidence_split_picks_the_candidate_whose_pruned_model_has_the_lowest_heldout_loss(family, compensate, calib_ids):
+    """Calibration given as ids makes the held-out draw those same ids, so every candidate's recorded loss can be
+    checked against the physically pruned model it stands for."""
+    dense = tiny_model(family)
+    pruned, report = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, compensate=compensate)
+    evidence = report.extra["kind_split_evidence"]
+    losses, chosen = evidence["heldout_loss"], evidence["attention_share"]
+    assert len(losses) >= 3 and len(set(losses.values())) > 1  # several feasible candidates, and they differ
+    assert chosen == min(losses, key=losses.get)
+    assert heldout_loss(pruned, calib_ids, 4) == pytest.approx(losses[chosen], abs=1e-5)  # masks equal removal
+    for share, loss in losses.items():
+        candidate, again = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids,
+                                 compensate=compensate, kind_split=share)
+        assert removed_fraction(again, "query") == pytest.approx(share, abs=0.1)
+        assert heldout_loss(candidate, calib_ids, 4) == pytest.approx(loss, abs=1e-5)
+
+
+def test_split_options_are_refused_with_the_fix(calib_ids):
+    with pytest.raises(HywiaError, match="unknown --kind-split 'most'"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split="most")
+    with pytest.raises(HywiaError, match="out of range"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split=1.5)
+    with pytest.raises(HywiaError, match="does not apply to --scope joint"):
+        prune(tiny_model(), method="flap", ratio=0.3, calib=calib_ids, kind_split="evidence")
+    with pytest.raises(HywiaError, match="more attention|impossible|fewer than"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, scope="global", kind_split=0.9)
