@@ -159,7 +159,7 @@ def hybrid_table(records: list[dict]) -> str:
     chain = list(CONFIGS)
     baseline = {0.2: "element2", 0.5: "flap (layer scope)"}
     by = {(r["model"], r["ratio"], r["config"], r["seed"]): r for r in records}
-    lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / row above (test, per seed) | / baseline (test, per seed) | "
+    lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / paired row (test, per seed) | / baseline (test, per seed) | "
              "alphas (attention; MLP) | attention share removed (per seed) | prune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, ratio in sorted({(r["model"], r["ratio"]) for r in records}):
         configs = sorted({r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)}, key=chain.index)
@@ -179,7 +179,10 @@ def hybrid_table(records: list[dict]) -> str:
             shares = [f"{r['kind_split']['attention_share']:.2f}" for r in rows if r.get("kind_split")]
             unshared = [r["prune_seconds"] for r in rows if not r.get("shared_stats")]
             seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
-            chained = chain[chain.index(config) - 1] if config.startswith(("+", "-")) else None
+            # "+" adds to the row above, "-" takes from hywia-adaptive (the row above it), "... as hywia-adaptive" is its control
+            adaptive = next(name for name, flag in NAMED.items() if flag == "--method hywia-adaptive")
+            chained = chain[chain.index(config) - 1] if config.startswith(("+", "-")) else \
+                adaptive if config.endswith("as hywia-adaptive") else None
             name = f"{config} (= {NAMED[config]})" if config in NAMED else config
             lines.append(f"| {model} | {ratio:.0%} | {name} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
                          f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {alpha_text} | {', '.join(shares) or '-'} | {seconds} |")

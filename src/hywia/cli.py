@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p)
-    p.add_argument("--method", default="element2", help="structured: hywia-adaptive, hywia, saap, random, l1, l2, vector, element1, element2, "
+    p.add_argument("--method", default="hywia-adaptive", help="structured: hywia-adaptive (default), hywia, saap, random, l1, l2, vector, element1, element2, "
                    "wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
     p.add_argument("--ratio", type=float, default=None, help="structured: fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--sparsity", type=float, default=None, help="unstructured: fraction of the decoder weights to zero, 0 < s < 1")

@@ -273,7 +273,7 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
     return compared
 
 
-def prune(model: nn.Module, tokenizer=None, method: str = "element2", ratio: float = 0.2,
+def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", ratio: float = 0.2,
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str | None = None,
