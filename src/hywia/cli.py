@@ -1,14 +1,33 @@
-"""`hywia prune`, `finetune`, `eval ppl|zeroshot` and `bench speed`: parse, call the API, print. Errors are one line,
-exit code 2."""
+"""`hywia prune`, `finetune`, `eval ppl|zeroshot` and `bench speed`: parse, check, call the API, print.
+
+Every failure is one line on stderr (docs/errors.md): a mistake in the input, `hywia: error: ...` naming the fix,
+exit code 2; a signal (Ctrl-C, `kill`, `timeout`), `hywia: interrupted ...` saying what was kept, exit code
+128 + the signal's number; anything unexpected, one line naming a log file that holds the traceback, exit code 1
+(`--debug` prints the traceback instead).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
+import math
+import os
+import signal
 import sys
 import time
+import traceback
 import warnings
+from pathlib import Path
 
-from .errors import HywiaError
+from .errors import HywiaError, Interrupted
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other hywia error."""
+
+    def error(self, message: str):
+        self.exit(2, f"hywia: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -17,6 +36,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto / balanced: spread over every GPU (then CPU) by accelerate")
     p.add_argument("--data-dir", default=None, help="offline data folder (default $HYWIA_DATA_DIR): wikitext2/, ptb/ as released")
     p.add_argument("--json", action="store_true", help="print one JSON result object instead of text")
+    _add_debug(p)
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an unexpected error, print the full traceback (by default it goes to a log file the error names)")
 
 
 def _add_ppl_protocol(p: argparse.ArgumentParser) -> None:
@@ -29,7 +54,8 @@ def _add_ppl_protocol(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
+    parser = _Parser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
+    parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
@@ -63,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="hywia --fusion fixed: weight on the fine-grained score (default 0.5)")
     p.add_argument("--fusion-dim", type=int, default=None, help="hywia --fusion attention: d_model of the fusion model (default 64)")
     p.add_argument("--normalize", default=None, help="hywia, hywia-adaptive, saap: rank (default) or mean, how fine and coarse scores are put on one scale")
-    p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 1, capped at 50%+ ratios); "
+    p.add_argument("--spread", type=float, default=None, help="saap: how far layer ratios spread over the layer ranking (default 1, capped at 50%%+ ratios); "
                    "mixed: sparsity spread over the sensitivity ranking, target +- spread (default 0.1)")
     p.add_argument("--granularity", default=None, help="mixed: layer (default) or matrix, the unit that gets its own sparsity")
     p.add_argument("--sensitivity-samples", type=int, default=None, help="mixed: calibration windows the Fisher sensitivity uses (default 8)")
@@ -103,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true")
+    _add_debug(sp)
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
@@ -121,65 +148,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "kind_split", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
-UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
-
-
-def _refuse(args, names: tuple[str, ...], kind: str) -> None:
-    given = [n for n in names if getattr(args, n) is not None]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        fix = "it takes --sparsity or --pattern" if kind == "unstructured" else "it takes --ratio"
-        raise HywiaError(f"{flag} does not apply to --method {args.method}, which is {kind} pruning ({fix})")
+def _load_checked(args, name: str | None = None):
+    """Stages 2 and 3 of hywia.checks around the load: the config before the weights, the weights before use."""
+    from .checks import check_config
+    from .finite import check_weights
+    from .io import load_model, peek_config
+    name = name or args.model
+    check_config(args, peek_config(name))
+    model, tokenizer = load_model(name, args.dtype, args.device)
+    check_weights(model, f"{name} cannot be pruned, trained or evaluated as it is; use a good checkpoint")
+    return model, tokenizer
 
 
 def _prune(args) -> dict:
-    from .data import data_dir
+    from .checks import is_unstructured, memory, method_options
     from .figures import write_artifacts
-    from .importance import Memory
-    from .io import ACCELERATE_MAPS, check_output, load_model, save_model
-    from .prune import check_options, prune
-    from .sparsify import SPARSIFIERS, sparsify
+    from .io import save_model
+    from .prune import prune
+    from .sparsify import sparsify
 
-    unstructured = args.method in SPARSIFIERS
-    _refuse(args, STRUCTURED_ONLY if unstructured else UNSTRUCTURED_ONLY, "unstructured" if unstructured else "structured")
-    names = ("spread", "granularity", "sensitivity_samples", "wbits") if unstructured else ("fusion", "alpha", "fusion_dim", "normalize", "spread")
-    method_options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    calib = args.calib or ("c4" if unstructured else "wikitext2")
-    samples, seq_len = args.samples or (128 if unstructured else 10), args.seq_len or (2048 if unstructured else 128)
-    batch_size = args.batch_size or (1 if unstructured else 4)
-    check_output(args.out, args.overwrite)  # fail before minutes of work, not after
-    if unstructured:
-        from .sparsify import check_options as check_sparsity
-        check_sparsity(args.method, args.sparsity, args.pattern, method_options)
-    else:
-        if args.ratio is None:
-            raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
-        check_options(args.method, args.ratio, args.scope, args.target or "both", method_options, args.round_to or 1,
-                      args.attention_unit, args.kind_split)
-        memory = Memory(args.layers_per_pass, args.stats_dtype or "float32", args.stats_device, args.checkpointing,
-                        args.sequential, None if args.device in ACCELERATE_MAPS else args.device)
-        memory.check()
-    data_dir(args.data_dir)
-    if samples < 1 or seq_len < 2:
-        raise HywiaError("--samples must be >= 1 and --seq-len >= 2")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = _load_checked(args)
     load_seconds = time.perf_counter() - t0
-    if unstructured:
-        model, report = sparsify(model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=calib,
-                                 samples=samples, seq_len=seq_len, seed=args.seed, data_dir=args.data_dir,
-                                 batch_size=batch_size, **method_options)
+    common = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "data_dir": args.data_dir,
+              "batch_size": args.batch_size, **method_options(args)}
+    if is_unstructured(args.method):
+        model, report = sparsify(model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, **common)
         artifacts = None
     else:
-        model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, calib=calib, samples=samples,
-                              seq_len=seq_len, scope=args.scope, target=args.target or "both", layers=args.layers,
-                              min_keep=1 if args.min_keep is None else args.min_keep, seed=args.seed, data_dir=args.data_dir,
-                              batch_size=batch_size, round_to=args.round_to or 1, attention_unit=args.attention_unit,
+        model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, scope=args.scope, target=args.target,
+                              layers=args.layers, min_keep=args.min_keep, round_to=args.round_to, attention_unit=args.attention_unit,
                               compensate=None if args.compensate is None else args.compensate == "yes",
-                              kind_split=args.kind_split, memory=memory,
-                              **method_options)
+                              kind_split=args.kind_split, memory=memory(args), **common)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)
@@ -193,15 +193,13 @@ def _finetune(args) -> dict:
     from pathlib import Path
 
     from .figures import plot_losses
-    from .finetune import FinetuneSettings, check_recovery, finetune, merge
-    from .io import check_output, load_model, save_model, stored_dtype
+    from .finetune import FinetuneSettings, check_recovery, finetune, merge, remove_checkpoints
+    from .io import load_model, save_model, stored_dtype
 
-    out = check_output(args.out, args.overwrite)
-    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)
-                                   if f.name not in ("lora_alpha", "lora_dropout")},
-                                lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    out = Path(args.out).expanduser()
+    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
+    checkpoints = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    model, tokenizer = _load_checked(args)
     source_recipe = Path(args.model) / "hywia.json"
     previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
     peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir)
@@ -218,27 +216,23 @@ def _finetune(args) -> dict:
             plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {Path(args.model).name}\n{report.data['records']} "
                         f"records, {report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype} compute)")
         save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite, extra=extra)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its checkpoints are no longer needed
+    remove_checkpoints(checkpoints)  # the run finished: the checkpoints it wrote are no longer needed (nothing else goes)
     return {"model": args.model, "out": str(out), **report.as_dict()}
 
 
 def _eval(args) -> dict:
     from .evaluate import perplexity
-    from .io import load_model
     from .prune import count_params
 
-    if args.eval_command == "zeroshot":
-        from .zeroshot import check_options, zeroshot
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        check_options(tasks, args.hellaswag_case)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = _load_checked(args)
     result: dict = {"model": args.model, "params": count_params(model)}
     datasets = args.data if args.eval_command == "ppl" else (["wikitext2", "ptb"] if args.ppl else [])
     batch = args.batch_size
     result["ppl"] = {name: perplexity(model, tokenizer, name, args.seq_len, args.max_windows, args.data_dir, batch,
                                       args.protocol, args.bos).as_dict() for name in datasets}
     if args.eval_command == "zeroshot":
-        result["zeroshot"] = zeroshot(model, tokenizer, tasks, args.limit, args.data_dir, batch, args.hellaswag_case)
+        from .zeroshot import zeroshot
+        result["zeroshot"] = zeroshot(model, tokenizer, args.task_list, args.limit, args.data_dir, batch, args.hellaswag_case)
         result["limit"] = args.limit
         result["average"] = sum(r["score"] for r in result["zeroshot"].values()) / len(result["zeroshot"])
     return result
@@ -246,13 +240,7 @@ def _eval(args) -> dict:
 
 def _bench(args) -> dict:
     from .speed import compare
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
-    if not batches or min(batches) < 1 or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
-        raise HywiaError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
-    return {"speed": compare(args.model, batches, args.dtype, args.device, args.prompt_len, args.new_tokens, args.repeats)}
+    return {"speed": compare(args.model, args.batches, args.dtype, args.device, args.prompt_len, args.new_tokens, args.repeats)}
 
 
 def _print_text(result: dict) -> None:
@@ -297,20 +285,103 @@ def _print_text(result: dict) -> None:
     print(f"saved to {result['out']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked arguments (stage 1 of hywia.checks: nothing is loaded). A bad value raises HywiaError
+    (SystemExit(2) for what argparse itself refuses), with a one-line message."""
     args = _parser().parse_args(argv)
+    from . import methods  # noqa: F401  (registers every method the checks name)
+    from .checks import check_args
+    check_args(args)
+    return args
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip()
+    print(f"hywia: warning: {text.splitlines()[0] if text else category.__name__}", file=sys.stderr)
+
+
+def _non_finite(value, path: str = "result") -> str | None:
+    """Where in a result a non-finite float sits (JSON has no NaN), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((found for key, item in items if (found := _non_finite(item, f"{path}.{key}"))), None)
+
+
+def _json(result: dict) -> str:
+    where = _non_finite(result)
+    if where is not None:
+        raise HywiaError(f"{where} is not a finite number, which JSON cannot carry; nothing is reported as a result")
+    return json.dumps(result)
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM (kill, timeout, Slurm, docker stop) and SIGHUP end the run as Ctrl-C does: every cleanup runs."""
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), _raise_interrupted) for n in names}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench}[args.command](args)
-    except HywiaError as e:
-        print(f"hywia: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hywia: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result))
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+
+
+def _log_traceback() -> Path | None:
+    """Write the current exception's traceback to a log file and return its path (None if nowhere is writable)."""
+    from .io import cache_dir
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for folder in (cache_dir() / "logs", Path(os.environ.get("TMPDIR", "/tmp"))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"hywia-{stamp}-{os.getpid()}.log"
+            path.write_text(f"hywia {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _interrupted_line(e: KeyboardInterrupt) -> tuple[str, int]:
+    name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+    kept = e.kept if isinstance(e, Interrupted) and e.kept else "no output was written"
+    return f"hywia: interrupted ({name}); {kept}", 128 + int(getattr(signal, name, signal.SIGINT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings(), _signals_interrupt():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.showwarning = _one_line_warning
+        try:
+            args = parse(argv)
+            from .io import claim_output
+            with claim_output(args.out) if getattr(args, "out", None) else contextlib.nullcontext():
+                result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench}[args.command](args)
+            text = _json(result) if args.json else None
+        except HywiaError as e:
+            print(f"hywia: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            line, code = _interrupted_line(e)
+            print(line, file=sys.stderr)
+            return code
+        except Exception as e:  # a bug, or a failure at a boundary hywia does not know yet: one line, and where the rest is
+            first = (str(e).strip().splitlines() or [""])[0]
+            if debug:
+                traceback.print_exc()
+                where = "the traceback is above"
+            else:
+                log = _log_traceback()
+                where = f"the traceback is in {log}" if log else "rerun with --debug for the traceback"
+            print(f"hywia: error: unexpected {type(e).__name__}: {first} ({where}; please report it)", file=sys.stderr)
+            return 1
+    if text is not None:
+        print(text)
     else:
         _print_text(result)
     return 0

@@ -84,9 +84,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _read_rows(path: Path, field: str) -> list[str]:
-    """Rows of a txt (one per line), jsonl/json (`field` or 'text' of each record) or parquet file."""
+    """Rows of a txt (one per line), jsonl/json (`field` or 'text' of each record) or parquet file; a file that is
+    not what its name says is one line naming it."""
     if not path.is_file():
         raise HywiaError(f"data file {path} not found; check the path or --data-dir")
+    try:
+        return _parse_rows(path, field)
+    except UnicodeDecodeError as e:
+        raise HywiaError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): give a text, .jsonl or .parquet file") from None
+    except OSError as e:  # unreadable, or a .gz that is not gzip
+        raise HywiaError(f"cannot read {path} ({e.strerror or e}); check the file and its permissions") from None
+
+
+def _parse_rows(path: Path, field: str) -> list[str]:
     suffixes = "".join(path.suffixes[-2:])
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -102,7 +112,13 @@ def _read_rows(path: Path, field: str) -> list[str]:
             records = json.loads(content) if content.lstrip().startswith("[") else [json.loads(l) for l in content.splitlines() if l.strip()]
         except json.JSONDecodeError as e:
             raise HywiaError(f"{path} is not valid JSON/JSONL ({e.msg} at line {e.lineno}); fix the file") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise HywiaError(f"{path} must hold JSON records (objects), one per line or as a list")
         key = field if records and field in records[0] else "text"
+        missing = next((i for i, r in enumerate(records) if key not in r), None)
+        if missing is not None:
+            raise HywiaError(f"record {missing} of {path} has no '{key}' field (it has: {', '.join(records[missing]) or 'nothing'}); "
+                             f"give each record a '{key}' field")
         return [str(r[key]) for r in records]
     with open(path, encoding="utf-8", newline="\n") as f:  # lines end at "\n" only, as released (not at U+2028 & co.)
         return list(f)
@@ -116,7 +132,7 @@ def _join(rows: list[str], source: Source) -> str:
     return source.join.join("" if not r.strip() else r for r in rows)
 
 
-def _split_paths(local: Path, name: str, split: str) -> list[Path]:
+def split_paths(local: Path, name: str, split: str) -> list[Path]:
     return [local / rel for rel in SOURCES[name].files.get(split, (f"{name}/{split}",))]
 
 
@@ -125,7 +141,7 @@ def evaluation_files(data_dir_path: str | os.PathLike | None = None) -> set[Path
     local = data_dir(data_dir_path)
     if local is None:
         return set()
-    return {p.resolve() for name in SOURCES for p in _split_paths(local, name, "test") if p.is_file()}
+    return {p.resolve() for name in SOURCES for p in split_paths(local, name, "test") if p.is_file()}
 
 
 def load_text(name: str, split: str, data_dir_path: str | os.PathLike | None = None, fall_back_to_validation: bool = False) -> Text:
@@ -142,10 +158,10 @@ def load_text(name: str, split: str, data_dir_path: str | os.PathLike | None = N
     if local is not None:
         splits = [split] + (["validation"] if fall_back_to_validation and split != "validation" else [])
         for candidate in splits:
-            for path in _split_paths(local, name, candidate):
+            for path in split_paths(local, name, candidate):
                 if path.is_file():
                     return Text(_join(_read_rows(path, source.field), source), str(path), candidate)
-        raise HywiaError(f"{name} {split} split not found in data dir {local}: expected {_split_paths(local, name, split)[0]}")
+        raise HywiaError(f"{name} {split} split not found in data dir {local}: expected {split_paths(local, name, split)[0]}")
     if not hub_reachable():
         raise HywiaError(f"cannot load {name} from the Hugging Face hub (offline); pass --data-dir DIR holding "
                          f"{source.files.get(split, (name,))[0]} (or set HYWIA_DATA_DIR)")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import bos_id, consecutive_windows, load_text, tokenize
 from .errors import HywiaError
+from .options import check_values
 
 PROTOCOLS = {"llm-pruner": 128, "sparsegpt": 2048}
 LOGITS_BUDGET = 2 ** 28  # logit values materialised at once (1 GiB in float32): bounds memory for 262k-token vocabularies
@@ -87,6 +88,7 @@ def perplexity(model, tokenizer, data: str = "wikitext2", seq_len: int | None = 
 
     `bos`: "auto" follows the tokenizer (see `hywia.data`); "yes"/"no" force BOS-first windows on or off, to
     reproduce another paper's protocol or to measure what BOS is worth."""
+    check_values(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     if bos not in BOS_CHOICES:
         raise HywiaError(f"unknown --bos '{bos}': use {', '.join(BOS_CHOICES)}")
     seq_len, protocol = resolve_seq_len(model, protocol, seq_len)
@@ -100,9 +102,16 @@ def perplexity(model, tokenizer, data: str = "wikitext2", seq_len: int | None = 
     was_training = model.training
     model.eval()
     try:
-        nll = window_nll(model, windows, batch_size).sum().item()
+        per_window = window_nll(model, windows, batch_size)
     finally:
         model.train(was_training)
+    bad = (~torch.isfinite(per_window)).nonzero().flatten()
+    if len(bad):
+        first = bad[0].item()
+        raise HywiaError(f"{data}: the loss of window {first} (tokens {first * (seq_len - (bos is not None))} onwards) is "
+                         f"{per_window[first].item()}, and of {len(bad)} of {len(windows)} windows: the model's logits overflow or "
+                         "are NaN there; evaluate in --dtype float32, or check the model")
+    nll = per_window.sum().item()
     tokens = len(windows) * (seq_len - 1)
     return Perplexity(math.exp(nll / tokens), nll / tokens, tokens, len(windows), seq_len, protocol, bos is not None,
                       max_windows, data, text.source)

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .data import data_dir as resolve_data_dir
 from .data import hub_reachable
-from .errors import HywiaError
+from .errors import HywiaError, Interrupted
+from .options import RANGES, check_values
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                      "Write a response that appropriately completes the request.\n\n"
@@ -100,7 +101,12 @@ def load_instructions(name: str, data_dir: str | None = None) -> tuple[list[dict
             raise HywiaError(f"cannot load alpaca from the hub (offline); pass --data-dir DIR holding {ALPACA_FILES[0]} or a json/jsonl path")
     if not path.is_file():
         raise HywiaError(f"instruction data {path} not found; pass alpaca or a json/jsonl file of instruction/input/output records")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HywiaError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): give a json/jsonl file of records") from None
+    except OSError as e:
+        raise HywiaError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
     except json.JSONDecodeError as e:
@@ -192,18 +198,39 @@ def _batch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
+OWNED = ".hywia-checkpoints"  # marks a checkpoint folder hywia created, and so may remove once it is empty
+
+
 def _save_checkpoint(directory: Path, step: int, lora: dict[str, torch.nn.Parameter], optimizer, scheduler, recipe: dict,
                      losses: list[float]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        (directory / OWNED).touch()
     state = {"step": step, "recipe": recipe, "losses": losses, "rng": torch.get_rng_state(),
              "lora": {n: p.detach().clone() for n, p in lora.items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     tmp = directory / f".step-{step}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / f"step-{step}.pt")  # atomic: a kill leaves the previous checkpoint intact
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, directory / f"step-{step}.pt")  # atomic: a kill leaves the previous checkpoint intact
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise HywiaError(f"cannot write a checkpoint in {directory} ({e.strerror or e}); free disk space or pass another --checkpoint-dir") from None
     for old in directory.glob("step-*.pt"):
         if old.name != f"step-{step}.pt":
             old.unlink()
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Remove what hywia wrote in `directory` (step-N.pt and unfinished .step-N.pt.tmp files), and the folder itself
+    only if hywia created it and nothing else is in it: a --checkpoint-dir a user named keeps their own files."""
+    if not directory.is_dir():
+        return
+    for file in [*directory.glob("step-*.pt"), *directory.glob(".step-*.pt.tmp")]:
+        file.unlink()
+    if (directory / OWNED).is_file() and [p.name for p in directory.iterdir()] == [OWNED]:
+        (directory / OWNED).unlink()
+        directory.rmdir()
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
@@ -219,10 +246,9 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     `stop_after` ends the run after that many steps of this call as if it were killed (for tests and budgets).
     """
     start_time = time.perf_counter()
+    check_values(**{name: value for name, value in asdict(settings).items() if name in RANGES})
     records, source = load_instructions(data, data_dir)
     if settings.max_records is not None:
-        if settings.max_records < 1:
-            raise HywiaError(f"--max-records {settings.max_records} must be at least 1")
         records = records[:settings.max_records]
     examples = tokenize_records(records, tokenizer, settings.cutoff_len)
     compute_dtype = next(model.parameters()).dtype
@@ -270,38 +296,45 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
 
     peft_model.train()
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step")
-    while step < total:
-        if stop_after is not None and step - resumed_from >= stop_after:
-            break
-        if settings.groups > 1:  # a parameter without grad is skipped by AdamW: its moments wait for its stage
-            trained = stage_layers(step, total, settings.groups, n_layers)
-            for name, p in lora.items():
-                p.requires_grad_(layer_of(name, layers_path) in trained)
-        epoch, k = divmod(step, steps_per_epoch)
-        batch = [examples[i] for i in _batch_order(len(examples), epoch, settings.seed)[k * settings.batch_size:(k + 1) * settings.batch_size]]
-        batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
-        n_tokens = sum(len(e) - 1 for e in batch)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for m in range(0, len(batch), settings.micro_batch_size):
-            nll = _micro_batch_nll(peft_model, batch[m:m + settings.micro_batch_size], pad_id)
-            (nll / n_tokens).backward()  # token-weighted mean over the whole effective batch
-            step_loss += nll.item() / n_tokens
-        if not math.isfinite(step_loss):
-            bar.close()
-            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and step else ""
-            fix = "lower --lr" + ("" if compute_dtype == torch.float32 else ", or load with --dtype float32")
-            raise HywiaError(f"the loss became {step_loss} at step {step + 1} ({str(compute_dtype).removeprefix('torch.')} "
-                             f"compute){where}: {fix}")
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        if checkpoint_dir and (step % settings.save_steps == 0 or step == total):
-            _save_checkpoint(checkpoint_dir, step, lora, optimizer, scheduler, recipe, losses)
-    bar.close()
+    try:
+        while step < total:
+            if stop_after is not None and step - resumed_from >= stop_after:
+                break
+            if settings.groups > 1:  # a parameter without grad is skipped by AdamW: its moments wait for its stage
+                trained = stage_layers(step, total, settings.groups, n_layers)
+                for name, p in lora.items():
+                    p.requires_grad_(layer_of(name, layers_path) in trained)
+            epoch, k = divmod(step, steps_per_epoch)
+            batch = [examples[i] for i in _batch_order(len(examples), epoch, settings.seed)[k * settings.batch_size:(k + 1) * settings.batch_size]]
+            batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
+            n_tokens = sum(len(e) - 1 for e in batch)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for m in range(0, len(batch), settings.micro_batch_size):
+                nll = _micro_batch_nll(peft_model, batch[m:m + settings.micro_batch_size], pad_id)
+                (nll / n_tokens).backward()  # token-weighted mean over the whole effective batch
+                step_loss += nll.item() / n_tokens
+            if not math.isfinite(step_loss):
+                where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and step else ""
+                fix = "lower --lr" + ("" if compute_dtype == torch.float32 else ", or load with --dtype float32")
+                raise HywiaError(f"the loss became {step_loss} at step {step + 1} ({str(compute_dtype).removeprefix('torch.')} "
+                                 f"compute){where}: {fix}")
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if checkpoint_dir and (step % settings.save_steps == 0 or step == total):
+                _save_checkpoint(checkpoint_dir, step, lora, optimizer, scheduler, recipe, losses)
+    except KeyboardInterrupt as e:
+        latest = _latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        if latest is None:
+            raise
+        raise Interrupted(getattr(e, "signal_name", "SIGINT"), f"the checkpoint of {latest.stem} is in {checkpoint_dir}: "
+                          "run the same command with --resume to continue") from None
+    finally:
+        bar.close()
     for p in lora.values():
         p.requires_grad_(True)
     peft_model.eval()

@@ -132,15 +132,20 @@ def _layer_groups(model: nn.Module, prefix: str, layer: int, kind: str, adapter:
     return LayerGroups(layer, kind, reader.module.in_features // reader.size, parts, blocks=n_kv if kind == "query" else 1)
 
 
-def parse_layers(spec: str | None, n_layers: int) -> range:
-    """'START:END' (Python slice, END exclusive, negatives count from the end) -> range of layer indices."""
-    if spec is None or spec == "":
-        return range(n_layers)
+def layer_slice(spec: str) -> slice:
+    """'START:END' (Python slice, END exclusive, negatives count from the end), checked without a model."""
     try:
         start, end = (int(p) if p.strip() else None for p in spec.split(":"))
     except ValueError:
         raise HywiaError(f"--layers '{spec}' is not START:END (e.g. 4:28 keeps the first 4 and last 2 of 30 blocks)") from None
-    picked = range(n_layers)[slice(start, end)]
+    return slice(start, end)
+
+
+def parse_layers(spec: str | None, n_layers: int) -> range:
+    """'START:END' -> range of layer indices of an `n_layers`-layer model."""
+    if spec is None or spec == "":
+        return range(n_layers)
+    picked = range(n_layers)[layer_slice(spec)]
     if len(picked) == 0:
         raise HywiaError(f"--layers '{spec}' selects no layer of this {n_layers}-layer model")
     return picked

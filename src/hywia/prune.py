@@ -18,6 +18,8 @@ from .adapters import adapter_for
 from .allocate import allocate, check_ratio_and_scope, round_kept
 from .data import calibration_ids
 from .errors import HywiaError
+from .finite import check_tensor, check_weights
+from .options import check_values
 from .grouping import ATTENTION_UNITS, LayerGroups, Part, find_groups, head_counts
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
 from .remote import sync_head_counts
@@ -303,6 +305,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
+    check_values(samples=samples, seq_len=seq_len, min_keep=min_keep, seed=seed, batch_size=batch_size, round_to=round_to)
     check_options(method, ratio, scope, target, method_options, round_to, attention_unit, kind_split)
     memory = memory or Memory()
     memory.check()
@@ -312,6 +315,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
                          "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")
+    check_weights(model, "prune a model whose weights are all finite (NaN would spread through compensation and scores)")
     if attention_unit is None:
         attention_unit = criterion.attention_unit if adapter_for(model.config).query is not None else "kv"
     sets = find_groups(model, target, layers, attention_unit)
@@ -333,6 +337,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         calib_record["heldout_seed"] = seed + HELDOUT_SEED
     with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
+    for s, score in zip(sets, scores.per_set):
+        check_tensor(score, f"the {method} scores of layer {s.layer} ({s.kind})", "the calibration statistics overflowed; "
+                     "calibrate in --dtype float32, or with fewer --samples")
     means = {name: moments.mean for name, moments in stats.inputs.items()} if compensate else None
     allocation = lambda share: allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios, share)  # noqa: E731
     stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]

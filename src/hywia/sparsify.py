@@ -28,6 +28,8 @@ from torch import nn
 from .walk import decoder_layers, walk_layers
 from .data import calibration_ids
 from .errors import HywiaError
+from .finite import check_weights
+from .options import check_values
 from .importance import check_method_options
 
 
@@ -186,7 +188,9 @@ def sparsify(model: nn.Module, tokenizer=None, method: str = "sparsegpt", sparsi
     whose `per_matrix` holds each matrix's achieved sparsity."""
     start = time.perf_counter()
     options = {k: v for k, v in options.items() if v is not None}
+    check_values(samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     sparsifier = check_options(method, sparsity, pattern, options)
+    check_weights(model, "sparsify a model whose weights are all finite")
     parsed = parse_pattern(pattern)
     target = parsed[0] / parsed[1] if parsed else sparsity
     matrices = linears(model)

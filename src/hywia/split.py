@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import HywiaError
+from .finite import check_number
 from .grouping import LayerGroups
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
@@ -92,7 +93,9 @@ def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], mode
         except HywiaError:  # more attention than the floors allow, or an MLP that would have to empty a layer
             continue
         with masked(sets, removed, means):
-            losses[share] = heldout_loss(model, ids, batch_size)
+            losses[share] = check_number(heldout_loss(model, ids, batch_size), f"--kind-split evidence: the held-out loss "
+                                         f"with {share:g} of attention removed", "the model computes NaN or inf on calibration "
+                                         "text; check its weights, or prune in --dtype float32")
     if not losses:
         raise HywiaError(f"--kind-split evidence found no feasible split at --ratio {ratio}; lower --ratio")
     return min(losses, key=lambda share: (losses[share], abs(share - ratio))), losses

@@ -1,0 +1,256 @@
+"""Every option of every command, checked in order of cost before the work it guards (docs/errors.md).
+
+1. `check_args`: what needs nothing. Ranges (hywia.options), choices and method options, the device, and paths:
+   the model reference, data files, the data dir, the output (not there unless --overwrite, not an input, its
+   folder writable). Nothing is loaded; the defaults a method implies are filled in here, once, for an option
+   left out, never for a value given (0 is a value).
+2. `check_config`: what needs the model's config (config.json or GGUF metadata, no weights): family support,
+   window lengths within the context, --layers and --groups within the layer count.
+3. `check_weights` (hywia.finite): what needs the weights: every tensor finite, before calibration, training or
+   evaluation uses them.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+from pathlib import Path
+
+import torch
+
+from .data import SOURCES, data_dir, split_paths
+from .errors import HywiaError
+from .evaluate import BOS_CHOICES, PROTOCOLS
+from .grouping import layer_slice, parse_layers
+from .importance import CRITERIA, Memory
+from .io import ACCELERATE_MAPS, DTYPES, check_model_ref, check_output, check_writable
+from .options import RANGES, check_values, flag
+from .sparsify import SPARSIFIERS
+
+STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
+                   "attention_unit", "kind_split", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
+UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
+STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
+                       "min_keep": 1, "stats_dtype": "float32"}
+UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The options `prune`'s method takes, as given (None left out)."""
+    names = ("spread", "granularity", "sensitivity_samples", "wbits") if is_unstructured(args.method) else \
+        ("fusion", "alpha", "fusion_dim", "normalize", "spread")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def is_unstructured(method: str) -> bool:
+    return method in SPARSIFIERS
+
+
+def check_device(device: str) -> None:
+    if device in ACCELERATE_MAPS:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise HywiaError(f"unknown --device '{device}': use cpu, cuda, cuda:N, or auto / balanced") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise HywiaError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise HywiaError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise HywiaError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise HywiaError(f"--device {device}: hywia runs on cpu, cuda or mps")
+
+
+PATH_OPTIONS = ("model", "out", "calib", "data", "data_dir", "checkpoint_dir")
+
+
+def _check_path_syntax(option: str, value: str) -> None:
+    """A value the file system cannot even look up (a NUL byte, a name too long) is refused by name, before any
+    check asks the file system about it."""
+    if "\x00" in value:
+        raise HywiaError(f"{flag(option)} {value!r} holds a NUL character, which no path can: give a real path or name")
+    try:
+        os.stat(value)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise HywiaError(f"{flag(option)}: the path is longer than the file system allows: give a shorter path") from None
+
+
+def _check_choice(name: str, value: str | None, choices) -> None:
+    if value is not None and value not in choices:
+        raise HywiaError(f"unknown {flag(name)} '{value}': use {', '.join(choices)}")
+
+
+def _check_text(name: str, option: str, data_dir_path: str | None, splits: tuple[str, ...]) -> None:
+    """A named dataset (whose split is in the data dir, when one is given), or a file that exists and can be read."""
+    if name in SOURCES:
+        local = data_dir(data_dir_path)
+        if local is not None and not any(p.is_file() for split in splits for p in split_paths(local, name, split)):
+            raise HywiaError(f"{option} {name}: its {' or '.join(splits)} split is not in data dir {local} "
+                             f"(expected {split_paths(local, name, splits[0])[0]})")
+        return
+    if not Path(name).expanduser().exists():
+        raise HywiaError(f"unknown dataset '{name}' for {option}: use one of {', '.join(SOURCES)} or the path of a .txt/.jsonl/.parquet file")
+    _check_file(name, option)
+
+
+def _check_file(name: str, option: str) -> None:
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise HywiaError(f"{option} {name} not found: check the path")
+    if not path.is_file():
+        raise HywiaError(f"{option} {name} is a folder: give a text, .jsonl or .parquet file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise HywiaError(f"cannot read {option} {name} ({e.strerror}); check its permissions") from None
+
+
+def _common(args: argparse.Namespace) -> None:
+    _check_choice("dtype", args.dtype, DTYPES)
+    check_device(args.device)
+    data_dir(args.data_dir)
+
+
+def _numbers(args: argparse.Namespace) -> None:
+    check_values(**{name: getattr(args, name) for name in RANGES if getattr(args, name, None) is not None})
+
+
+def _check_prune(args: argparse.Namespace) -> None:
+    from .prune import check_options
+    from .sparsify import check_options as check_sparsity
+    if args.method not in CRITERIA and not is_unstructured(args.method):
+        raise HywiaError(f"unknown method '{args.method}': structured: {', '.join(CRITERIA)}; unstructured: {', '.join(SPARSIFIERS)}")
+    unstructured = is_unstructured(args.method)
+    names, kind = (STRUCTURED_ONLY, "unstructured") if unstructured else (UNSTRUCTURED_ONLY, "structured")
+    given = [n for n in names if getattr(args, n) is not None]
+    if given:
+        fix = "it takes --sparsity or --pattern" if unstructured else "it takes --ratio"
+        raise HywiaError(f"{flag(given[0])} does not apply to --method {args.method}, which is {kind} pruning ({fix})")
+    _numbers(args)
+    for name, value in (UNSTRUCTURED_DEFAULTS if unstructured else STRUCTURED_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    _common(args)
+    options = method_options(args)
+    if unstructured:
+        check_sparsity(args.method, args.sparsity, args.pattern, options)
+    else:
+        if args.ratio is None:
+            raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
+        check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split)
+        if args.layers:
+            layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
+        memory(args).check()
+    _check_text(args.calib, "--calib", args.data_dir, ("train", "validation"))
+    check_output(args.out, args.overwrite, inputs=(args.model,))
+    check_model_ref(args.model)
+
+
+def memory(args: argparse.Namespace) -> Memory:
+    return Memory(args.layers_per_pass, args.stats_dtype, args.stats_device, args.checkpointing, args.sequential,
+                  None if args.device in ACCELERATE_MAPS else args.device)
+
+
+def _check_finetune(args: argparse.Namespace) -> None:
+    _numbers(args)
+    _common(args)
+    if args.data != "alpaca":
+        _check_file(args.data, "--data")
+    if args.checkpoint_dir is not None:
+        folder = Path(args.checkpoint_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise HywiaError(f"--checkpoint-dir {folder} is a file: give a folder (hywia creates it if it is not there)")
+        check_writable(folder / "step-0.pt")
+    check_output(args.out, args.overwrite, inputs=(args.model,))
+    check_model_ref(args.model)
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    from .zeroshot import check_options
+    _numbers(args)
+    _common(args)
+    _check_choice("protocol", args.protocol, PROTOCOLS)
+    _check_choice("bos", args.bos, BOS_CHOICES)
+    if args.eval_command == "zeroshot":
+        args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not args.task_list:
+            raise HywiaError("--tasks is empty: give comma-separated task names, e.g. boolq,piqa")
+        check_options(args.task_list, args.hellaswag_case)
+    for name in args.data if args.eval_command == "ppl" else ["wikitext2", "ptb"] if args.ppl else []:
+        _check_text(name, "--data", args.data_dir, ("test",))
+    check_model_ref(args.model)
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    _numbers(args)
+    _check_choice("dtype", args.dtype, DTYPES)
+    check_device(args.device)
+    try:
+        args.batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    if not args.batches or min(args.batches) < 1:
+        raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers >= 1, e.g. 1,8")
+    for model in args.model:
+        check_model_ref(model)
+
+
+COMMANDS = {"prune": _check_prune, "finetune": _check_finetune, "eval": _check_eval, "bench": _check_bench}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Stage 1: everything that needs nothing loaded, for the command `args` were parsed for."""
+    for option in PATH_OPTIONS:
+        values = getattr(args, option, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None:
+                _check_path_syntax(option, value)
+    COMMANDS[args.command](args)
+
+
+def _context(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _layer_count(config) -> int | None:
+    value = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return value if isinstance(value, int) else None
+
+
+def check_config(args: argparse.Namespace, config) -> None:
+    """Stage 2: what needs the model's config (None: a layout only the loader understands, checked as it loads)."""
+    if config is None:
+        return
+    from .adapters import adapter_for
+    from .io import _causal_lm_class
+    _causal_lm_class(config)
+    context, layers = _context(config), _layer_count(config)
+    windows = []
+    if args.command == "prune":
+        if not is_unstructured(args.method):
+            adapter_for(config)
+            if args.layers is not None and layers:
+                parse_layers(args.layers, layers)
+        if args.seq_len == UNSTRUCTURED_DEFAULTS["seq_len"] and is_unstructured(args.method) and context:
+            args.seq_len = min(args.seq_len, context)  # the default, not a value given: SparseGPT's 2048 or the context
+        windows.append(("seq_len", args.seq_len))
+    elif args.command == "finetune":
+        adapter_for(config)
+        windows.append(("cutoff_len", args.cutoff_len))
+        if layers and args.groups > layers:
+            raise HywiaError(f"--groups {args.groups} is more than the model's {layers} decoder layers")
+    elif args.command == "eval":
+        windows.append(("seq_len", args.seq_len))
+    for name, value in windows:
+        if value is not None and context and value > context:
+            raise HywiaError(f"{flag(name)} {value} is longer than the model's context ({context} tokens): give at most {context}")

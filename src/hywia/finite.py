@@ -1,0 +1,32 @@
+"""Non-finite numbers never leave as results: weights before they are used or saved, scores before they are ranked,
+losses and perplexities before they are reported. Each check names where the first bad value appeared."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import HywiaError
+
+
+def check_number(value: float, what: str, fix: str) -> float:
+    if not math.isfinite(value):
+        raise HywiaError(f"{what} is {value}: {fix}")
+    return value
+
+
+def check_tensor(tensor: torch.Tensor, what: str, fix: str) -> None:
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        count, first = int(bad.sum()), bad.flatten().nonzero()[0].item()
+        raise HywiaError(f"{what} holds {count} non-finite value(s) (NaN or inf), the first at flat index {first}: {fix}")
+
+
+@torch.no_grad()
+def check_weights(model: nn.Module, fix: str = "the model is corrupt or comes from a diverged run; use a good checkpoint") -> None:
+    """Every parameter of `model` finite (a meta tensor, not yet materialised, is skipped). Buffers are left out:
+    some families keep masks of -inf there by design."""
+    for name, tensor in model.named_parameters():
+        if tensor.device.type != "meta" and tensor.is_floating_point():
+            check_tensor(tensor, f"tensor {name}", fix)
