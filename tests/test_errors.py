@@ -39,6 +39,7 @@ def world(tmp_path_factory):
     with torch.no_grad():
         overflowing.lm_head.weight.fill_(3e38)  # finite, but every logit overflows to inf
     _save_unchecked(overflowing, tok, root / "overflow_model")
+    save_model(tiny_model(layers=2), tok, root / "two_layers", {"model": "tiny"})
     (root / "noweights").mkdir()
     (root / "noweights" / "config.json").write_text((model / "config.json").read_text())
     (root / "truncated").mkdir()
@@ -205,6 +206,14 @@ CASES = {
     "finetune binary data": (F[:5] + ["--data", "{world}/binary.bin"], "binary.bin is not UTF-8 text"),
     "finetune checkpoint dir is a file": (F + ["--checkpoint-dir", "{world}/afile"], "--checkpoint-dir"),
     "finetune NaN weights": (F + ["--model", "{world}/nan_model"], "non-finite"),
+    "finetune trainables": (F + ["--train", "everything"], "unknown --train 'everything'"),
+    "finetune tokens 0": (F[:-8] + ["--tokens", "0"], "--tokens 0 is out of range"),
+    "finetune tokens and max-steps": (F + ["--tokens", "100"], "--tokens and --max-steps both set the run's length"),
+    "finetune temperature 0": (F + ["--kd-temperature", "0"], "--kd-temperature 0.0 is out of range"),
+    "finetune teacher missing": (F + ["--teacher", "/no/such/teacher"], "cannot load model '/no/such/teacher': not found"),
+    "finetune teacher of another shape": (F + ["--teacher", "{world}/two_layers"], "the teacher's num_hidden_layers is 2"),
+    "finetune eval-every without validation text": (F + ["--eval-every", "1", "--data-dir", "{world}/adir"],
+                                                     "--eval-every wikitext2: its validation split is not in data dir"),
     # bench
     "bench batch sizes 0": (B + ["--batch-sizes", "0"], "--batch-sizes '0'"),
     "bench batch sizes words": (B + ["--batch-sizes", "a,b"], "--batch-sizes 'a,b'"),

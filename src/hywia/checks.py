@@ -65,7 +65,7 @@ def check_device(device: str) -> None:
         raise HywiaError(f"--device {device}: hywia runs on cpu, cuda or mps")
 
 
-PATH_OPTIONS = ("model", "out", "calib", "data", "data_dir", "checkpoint_dir")
+PATH_OPTIONS = ("model", "out", "calib", "data", "data_dir", "checkpoint_dir", "teacher")
 
 
 def _check_path_syntax(option: str, value: str) -> None:
@@ -160,8 +160,18 @@ def memory(args: argparse.Namespace) -> Memory:
 def _check_finetune(args: argparse.Namespace) -> None:
     _numbers(args)
     _common(args)
+    from .finetune import TRAINABLES
+    _check_choice("train", args.train, TRAINABLES)
+    if args.tokens is not None and args.max_steps is not None:
+        raise HywiaError("--tokens and --max-steps both set the run's length: give one of them")
+    if args.data is None:
+        args.data = "c4" if args.teacher else "alpaca"
     if args.data != "alpaca":
-        _check_file(args.data, "--data")
+        _check_text(args.data, "--data", args.data_dir, ("train", "validation"))
+    if args.teacher is not None:
+        check_model_ref(args.teacher)
+    if args.eval_every is not None:
+        _check_text("wikitext2", "--eval-every", args.data_dir, ("validation",))
     if args.checkpoint_dir is not None:
         folder = Path(args.checkpoint_dir).expanduser()
         if folder.exists() and not folder.is_dir():
@@ -232,7 +242,7 @@ def check_config(args: argparse.Namespace, config) -> None:
     if config is None:
         return
     from .adapters import adapter_for
-    from .io import _causal_lm_class
+    from .io import _causal_lm_class, peek_config
     _causal_lm_class(config)
     context, layers = _context(config), _layer_count(config)
     windows = []
@@ -246,6 +256,9 @@ def check_config(args: argparse.Namespace, config) -> None:
         windows.append(("seq_len", args.seq_len))
     elif args.command == "finetune":
         adapter_for(config)
+        if args.teacher is not None:
+            from .distill import check_teacher
+            check_teacher(config, peek_config(args.teacher) or config)
         windows.append(("cutoff_len", args.cutoff_len))
         if layers and args.groups > layers:
             raise HywiaError(f"--groups {args.groups} is more than the model's {layers} decoder layers")

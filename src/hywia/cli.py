@@ -106,7 +106,19 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="recover a (pruned) model with LoRA and merge it back")
     _add_common(f)
-    f.add_argument("--data", default="alpaca", help="alpaca, or a json/jsonl file of instruction/input/output records")
+    f.add_argument("--data", default=None, help="alpaca (the default without --teacher), a json/jsonl file of instruction/input/output "
+                   "records, or plain text: a dataset name (c4, the default with --teacher) or a text file, cut into --cutoff-len windows")
+    f.add_argument("--teacher", default=None, help="distil from this model (the dense model the student was pruned from; any "
+                   "reference --model takes) instead of training on the data's next tokens")
+    f.add_argument("--kd-temperature", type=float, default=1.0, help="with --teacher: temperature of the logit KL (default 1)")
+    f.add_argument("--kd-hidden", type=float, default=0.0, help="with --teacher: weight of the hidden-state (residual stream) loss "
+                   "after every layer (default 0: logits only)")
+    f.add_argument("--train", default="lora", help="what is trained: lora (default), norms+lora (LoRA and every normalisation "
+                   "weight) or full (every weight)")
+    f.add_argument("--eval-every", type=int, default=None, help="measure WikiText-2 validation perplexity every N steps (and "
+                   "before the first and after the last) and draw it against training tokens in tokens.png")
+    f.add_argument("--eval-windows", type=int, default=32, help="with --eval-every: the first N 128-token validation windows")
+    f.add_argument("--tokens", type=int, default=None, help="training budget in predicted tokens, instead of --epochs / --max-steps")
     for name, kind, default in (("rank", int, 8), ("lora-alpha", int, 16), ("lora-dropout", float, 0.05), ("lr", float, 1e-4),
                                 ("batch-size", int, 64), ("micro-batch-size", int, 4), ("epochs", int, 2),
                                 ("max-steps", int, None), ("max-records", int, None), ("warmup-steps", int, 100), ("cutoff-len", int, 256),
@@ -160,6 +172,11 @@ def _load_checked(args, name: str | None = None):
     return model, tokenizer
 
 
+def _is_main_process() -> bool:
+    """False in the other processes `accelerate launch` started (they train, the main process writes and prints)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _prune(args) -> dict:
     from .checks import is_unstructured, memory, method_options
     from .figures import write_artifacts
@@ -192,27 +209,38 @@ def _finetune(args) -> dict:
     from dataclasses import fields
     from pathlib import Path
 
-    from .figures import plot_losses
+    from .figures import plot_curve, plot_losses
     from .finetune import FinetuneSettings, check_recovery, finetune, merge, remove_checkpoints
     from .io import load_model, save_model, stored_dtype
 
     out = Path(args.out).expanduser()
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
     checkpoints = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # accelerate launch: one GPU per process
     model, tokenizer = _load_checked(args)
+    teacher = _load_checked(args, args.teacher)[0] if args.teacher else None
     source_recipe = Path(args.model) / "hywia.json"
     previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
-    peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir)
+    peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir,
+                                  teacher=teacher, teacher_name=args.teacher)
+    if not _is_main_process():  # under accelerate launch the main process merges, checks and saves
+        return {"model": args.model, "out": str(out), **report.as_dict()}
     stored = stored_dtype(args.model)
     base = load_model(args.model, stored, args.device)[0] if stored and stored != report.compute_dtype else None
     with tempfile.TemporaryDirectory() as adapter_dir:
-        peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
+        if settings.train == "lora":
+            peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
         merged = merge(peft_model, base, settings)
         check_recovery(merged, tokenizer, report)
         recipe = {**previous, "model": args.model, "finetune": report.as_dict()}
 
         def extra(tmp: Path) -> None:
-            shutil.copytree(adapter_dir, tmp / "adapter")
+            if settings.train == "lora":
+                shutil.copytree(adapter_dir, tmp / "adapter")
+            if report.curve:
+                plot_curve(report.curve, tmp / "tokens.png", f"recovery of {Path(args.model).name}"
+                           f"{' distilled from ' + Path(args.teacher).name if args.teacher else ''} ({settings.train})")
             plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {Path(args.model).name}\n{report.data['records']} "
                         f"records, {report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype} compute)")
         save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite, extra=extra)
@@ -249,7 +277,8 @@ def _print_text(result: dict) -> None:
         print(markdown(result["speed"]))
         return
     if "steps" in result:
-        print(f"fine-tuned {result['model']} for {result['steps']} steps (resumed from {result['resumed_from']}), "
+        how = f"distilled from {result['teacher']}" if result["teacher"] else "fine-tuned"
+        print(f"{how} {result['model']} for {result['steps']} steps, {result['tokens']:,} tokens (resumed from {result['resumed_from']}), "
               f"last loss {result['losses'][-1]:.4f}, {result['seconds']:.0f}s ({result['compute_dtype']} compute); "
               f"loss on {result['guard']['records']} training records {result['guard']['before']:.4f} -> "
               f"{result['guard']['after']:.4f}; merged model saved to {result['out']} (loss curve: loss.png)")
@@ -360,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = parse(argv)
             from .io import claim_output
-            with claim_output(args.out) if getattr(args, "out", None) else contextlib.nullcontext():
+            with claim_output(args.out) if getattr(args, "out", None) and _is_main_process() else contextlib.nullcontext():
                 result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench}[args.command](args)
             text = _json(result) if args.json else None
         except HywiaError as e:
@@ -380,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"the traceback is in {log}" if log else "rerun with --debug for the traceback"
             print(f"hywia: error: unexpected {type(e).__name__}: {first} ({where}; please report it)", file=sys.stderr)
             return 1
+    if not _is_main_process():
+        return 0
     if text is not None:
         print(text)
     else:

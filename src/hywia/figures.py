@@ -5,6 +5,7 @@ kept_params.png     kept parameters per layer when fine-only, coarse-only or fus
                     same ratio, under layer and global scope (the paper's Figure 1 and Figure 3 right)
 alpha.png           distribution of the fusion weight alpha per layer, attention and MLP groups (Figure 3 left)
 loss.png            (recovery) the training loss per optimizer step, next to a fine-tuned model
+tokens.png          (recovery with --eval-every) held-out perplexity against training tokens: would more pay?
 """
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     ax.plot(range(1, len(losses) + 1), losses, marker="." if len(losses) < 60 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (token-weighted NLL)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(curve: list[dict], path: Path, title: str) -> None:
+    """Held-out (WikiText-2 validation) perplexity against the training tokens seen, one point per evaluation."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([c["tokens"] for c in curve], [c["ppl"] for c in curve], marker="o", ms=3)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("WikiText-2 validation perplexity")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -81,6 +81,11 @@ RANGES: dict[str, Range] = {
     "cutoff_len": _count("tokens per record", 2),
     "save_steps": _count("steps between checkpoints"),
     "groups": _count("groups of layers trained one after another"),
+    "tokens": _count("the training budget in predicted tokens"),
+    "eval_every": _count("steps between held-out perplexity measurements"),
+    "eval_windows": _count("held-out windows measured"),
+    "kd_temperature": Range(0, low_open=True, what="the distillation temperature"),
+    "kd_hidden": Range(0, what="the weight of the hidden-state distillation loss"),
     # bench
     "prompt_len": _count("prompt tokens"),
     "new_tokens": _count("generated tokens"),
