@@ -17,6 +17,9 @@ first 200 windows of the llm-pruner protocol (128 tokens) and the first 12 windo
 Recovery: `hywia finetune` at the paper's settings (LoRA r=8, alpha 16, lr 1e-4, effective batch 64) for one
 epoch over the first `--records` Alpaca-cleaned records, bfloat16 compute merged into float32 weights; SAAP's
 with its group fine-tuning (`--groups 3`: layers 20-29, then 10-19, then 0-9, a third of the steps each).
+With `--tokens N` (issue 20) every recovery mode in `--recovery` gets the same budget of N predicted tokens instead:
+`lora` on Alpaca as above, `kd` distilled from the dense model on the C4 sample (`--teacher`, logits and
+`--kd-hidden` residual stream), at the ratios in `--recover-ratios`.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are
     "saap": ["--method", "saap"],
 }
 # the 20% models recovered: HyWIA, Element2, the best retraining-free baseline, and SAAP with its own group fine-tuning
-RECOVERED = {"hywia": [], "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}
+RECOVERED = {"hywia-adaptive": [], "hywia": [], "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}
 
 
 def slug(text: str) -> str:
@@ -123,6 +126,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--records", type=int, default=2000, help="Alpaca records for the one-epoch recovery")
     parser.add_argument("--no-recovery", action="store_true")
+    parser.add_argument("--tokens", type=int, default=None, help="recovery budget in predicted tokens, the same for every mode")
+    parser.add_argument("--recovery", default="lora", help="recovery modes with --tokens: lora, kd (comma-separated)")
+    parser.add_argument("--recover-ratios", default="0.2")
+    parser.add_argument("--kd-hidden", default="0")
     args = parser.parse_args()
     grid = Grid(args, args.results)
 
@@ -133,27 +140,36 @@ def main() -> None:
                                                             "achieved_ratio": recipe["achieved_ratio"]})
         return Path(recipe["path"])
 
-    def recover(method: str, pruned: Path) -> None:
-        tuned = pruned.with_name(f"{pruned.name}-lora{args.records}")
+    def recover(method: str, pruned: Path, ratio: float = 0.2, mode: str = "lora") -> None:
+        budget = f"{mode}{args.tokens}t" if args.tokens else f"lora{args.records}"
+        tuned = pruned.with_name(f"{pruned.name}-{budget}")
+        if args.tokens is None:
+            data = ["--data", "alpaca", "--max-records", str(args.records), "--epochs", "1"]
+        elif mode == "lora":
+            data = ["--data", "alpaca", "--tokens", str(args.tokens)]
+        else:
+            data = ["--data", "c4", "--tokens", str(args.tokens), "--teacher", args.model, "--kd-hidden", args.kd_hidden]
         if not tuned.is_dir():
-            print(f"[{time.strftime('%H:%M:%S')}] recovering {method} 20%", file=sys.stderr, flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] recovering {method} {ratio:.0%} ({budget})", file=sys.stderr, flush=True)
             resume = ["--resume"] if tuned.with_name(tuned.name + ".checkpoints").is_dir() else []
-            _hywia("finetune", "--model", str(pruned), "--data", "alpaca", "--max-records", str(args.records), "--epochs", "1",
-                   "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned), *RECOVERED[method], *resume, *grid.common)
+            _hywia("finetune", "--model", str(pruned), *data, "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned),
+                   *RECOVERED[method], *resume, *grid.common)
         tune = json.loads((tuned / "hywia.json").read_text())["finetune"]
-        grid.evaluate(f"{method} 0.2 lora{args.records}", str(tuned), {
-            "name": f"{method} 20% + LoRA", "method": method, "ratio": 0.2, "recovered": True, "finetune_seconds": tune["seconds"],
-            "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"], "guard": tune.get("guard"),
-            "groups": tune["settings"].get("groups", 1)})
+        label = "LoRA" if mode == "lora" else f"KD (hidden {args.kd_hidden})"
+        grid.evaluate(f"{method} {ratio} {budget}", str(tuned), {
+            "name": f"{method} {ratio:.0%} + {label}", "method": method, "ratio": ratio, "recovered": True, "mode": mode,
+            "finetune_seconds": tune["seconds"], "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"],
+            "finetune_tokens": tune.get("tokens"), "guard": tune.get("guard"), "groups": tune["settings"].get("groups", 1)})
 
     attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "ratio": 0.0, "recovered": False})
     methods = [m for m in args.methods.split(",") if m]
     for ratio in [float(r) for r in args.ratios.split(",")]:
         pruned = {method: attempt(prune, method, ratio) for method in methods}
-        if ratio == 0.2 and not args.no_recovery:  # recovery right after the 20% rows: the heart of Table 1
+        if f"{ratio:g}" in args.recover_ratios.split(",") and not args.no_recovery:  # recovery right after its pruned rows
             for method in RECOVERED:
-                if pruned.get(method) is not None:
-                    attempt(recover, method, pruned[method])
+                for mode in (args.recovery.split(",") if args.tokens else ["lora"]):
+                    if pruned.get(method) is not None:
+                        attempt(recover, method, pruned[method], ratio, mode)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from hywia import save_model
@@ -103,3 +104,26 @@ def test_eval_zeroshot_table(model_dir, text_dir, capsys):
     assert set(result["ppl"]) == {"wikitext2", "ptb"}
     code, _, err = run(capsys, "eval", "zeroshot", "--model", str(model_dir), "--tasks", "mmlu", "--data-dir", str(text_dir))
     assert code == 2 and "unknown task 'mmlu'" in err
+
+
+def test_recipe_rebuilds_the_same_model_and_the_card_explains_it(model_dir, text_dir, tmp_path, capsys):
+    """hywia.json records every option; `prune --recipe` makes identical weights; README.md is a model card."""
+    from safetensors.torch import load_file
+    first = tmp_path / "first"
+    code, _, err = run(capsys, "prune", "--model", str(model_dir), "--method", "hywia-adaptive", "--ratio", "0.3", "--samples", "3",
+                       "--seq-len", "32", "--seed", "4", "--data-dir", str(text_dir), "--out", str(first))
+    assert code == 0, err
+    recipe = json.loads((first / "hywia.json").read_text())
+    assert recipe["options"]["seed"] == 4 and recipe["options"]["samples"] == 3 and "out" not in recipe["options"]
+    again = tmp_path / "again"
+    code, _, err = run(capsys, "prune", "--recipe", str(first / "hywia.json"), "--out", str(again))
+    assert code == 0, err
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run(capsys, "prune", "--recipe", str(first / "hywia.json"), "--seed", "5", "--out", str(tmp_path / "other"))
+    assert code == 0 and json.loads((tmp_path / "other" / "hywia.json").read_text())["seed"] == 5  # the command line wins
+    card = (first / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "`hywia-adaptive`" in card and "hywia prune --recipe" in card
+    assert f"{recipe['params_before']:,} → {recipe['params_after']:,}" in card
+    code, _, err = run(capsys, "prune", "--recipe", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "--recipe" in err and "not found" in err

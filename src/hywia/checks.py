@@ -124,6 +124,8 @@ def _numbers(args: argparse.Namespace) -> None:
 def _check_prune(args: argparse.Namespace) -> None:
     from .prune import check_options
     from .sparsify import check_options as check_sparsity
+    if args.model is None:
+        raise HywiaError("--model is required (or --recipe, the hywia.json of a model to make again)")
     if args.method not in CRITERIA and not is_unstructured(args.method):
         raise HywiaError(f"unknown method '{args.method}': structured: {', '.join(CRITERIA)}; unstructured: {', '.join(SPARSIFIERS)}")
     unstructured = is_unstructured(args.method)
@@ -150,6 +152,11 @@ def _check_prune(args: argparse.Namespace) -> None:
     _check_text(args.calib, "--calib", args.data_dir, ("train", "validation"))
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
+    if args.gguf is not None:
+        from .export import TYPES
+        _check_choice("gguf", args.gguf, TYPES)
+        if unstructured:
+            raise HywiaError("--gguf exports structured pruning's smaller dense model; sparse zeros gain nothing in llama.cpp")
 
 
 def memory(args: argparse.Namespace) -> Memory:
@@ -179,6 +186,11 @@ def _check_finetune(args: argparse.Namespace) -> None:
         check_writable(folder / "step-0.pt")
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
+    if args.gguf is not None:
+        from .export import TYPES
+        _check_choice("gguf", args.gguf, TYPES)
+        if unstructured:
+            raise HywiaError("--gguf exports structured pruning's smaller dense model; sparse zeros gain nothing in llama.cpp")
 
 
 def _check_eval(args: argparse.Namespace) -> None:
@@ -211,7 +223,18 @@ def _check_bench(args: argparse.Namespace) -> None:
         check_model_ref(model)
 
 
-COMMANDS = {"prune": _check_prune, "finetune": _check_finetune, "eval": _check_eval, "bench": _check_bench}
+def _check_export(args: argparse.Namespace) -> None:
+    from .export import TYPES
+    _check_choice("format", args.format, ("gguf",))
+    _check_choice("type", args.type, TYPES)
+    check_model_ref(args.model)
+    out = Path(args.out).expanduser()
+    if out.suffix != ".gguf":
+        raise HywiaError(f"--out {args.out} must name a .gguf file")
+    check_output(out, args.overwrite, inputs=(args.model,), file=True)
+
+
+COMMANDS = {"prune": _check_prune, "finetune": _check_finetune, "eval": _check_eval, "bench": _check_bench, "export": _check_export}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -249,6 +272,10 @@ def check_config(args: argparse.Namespace, config) -> None:
     if args.command == "prune":
         if not is_unstructured(args.method):
             adapter_for(config)
+            if args.gguf is not None:
+                from .export import check_exportable
+                varies = (args.scope or CRITERIA[args.method].scope) != "layer" or bool(args.layers)
+                check_exportable(config.model_type, varies, args.model)
             if args.layers is not None and layers:
                 parse_layers(args.layers, layers)
         if args.seq_len == UNSTRUCTURED_DEFAULTS["seq_len"] and is_unstructured(args.method) and context:

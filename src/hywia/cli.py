@@ -30,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"hywia: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="packaged short name (smollm2-135m, gemma3-270m), .gguf file, directory or hub id")
+def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="packaged short name (smollm2-135m, gemma3-270m), .gguf file, directory or hub id")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto / balanced: spread over every GPU (then CPU) by accelerate")
     p.add_argument("--data-dir", default=None, help="offline data folder (default $HYWIA_DATA_DIR): wikitext2/, ptb/ as released")
@@ -53,13 +53,15 @@ def _add_ppl_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
     parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
-    _add_common(p)
+    _add_common(p, model_required=False)
+    p.add_argument("--recipe", default=None, help="hywia.json of a pruned model: take every option from it (those given here "
+                   "win), to make the same model again")
     p.add_argument("--method", default="hywia-adaptive", help="structured: hywia-adaptive (default), hywia, saap, random, l1, l2, vector, element1, element2, "
                    "wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
     p.add_argument("--ratio", type=float, default=None, help="structured: fraction of the prunable parameters to remove, 0 < ratio < 1")
@@ -101,8 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", action="store_true", help="gradient criteria: recompute layer activations in backward (less memory)")
     p.add_argument("--sequential", action="store_true", help="forward-only statistics (wanda_sp, flap, compensation) one decoder "
                    "layer at a time: only one layer's activations live, and only one layer's weights on --device")
+    p.add_argument("--gguf", default=None, help="also write the pruned model as OUT/model.TYPE.gguf for llama.cpp "
+                   "(TYPE: f32, f16, bf16, q8_0, q4_0; see hywia export)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(**(recipe or {}))
 
     f = sub.add_parser("finetune", help="recover a (pruned) model with LoRA and merge it back")
     _add_common(f)
@@ -129,6 +134,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     f.add_argument("--out", required=True)
     f.add_argument("--overwrite", action="store_true")
+
+    x = sub.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
+    x.add_argument("--model", required=True, help="a hywia model folder (or a packaged name or .gguf file: the dense model)")
+    x.add_argument("--format", default="gguf", help="gguf (the only format so far)")
+    x.add_argument("--type", default="f16", help="f32, f16 (default), bf16, q8_0 or q4_0")
+    x.add_argument("--out", required=True, help="the .gguf file to write (refused if it exists, unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--json", action="store_true")
+    _add_debug(x)
 
     b = sub.add_parser("bench", help="measure models")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -177,6 +191,28 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+NOT_RECIPE = ("command", "out", "overwrite", "json", "debug", "recipe", "gguf")  # how a run is printed and where it goes
+
+
+def _recipe_defaults(argv: list[str]) -> dict:
+    """For `prune --recipe FILE`: the options FILE recorded, to become the defaults of `prune`, so an option given on
+    the command line still wins."""
+    if "prune" not in argv[:1] or "--recipe" not in argv:
+        return {}
+    index = argv.index("--recipe")
+    if index + 1 >= len(argv):
+        return {}  # argparse itself says the value is missing
+    path = Path(argv[index + 1]).expanduser()
+    try:
+        options = json.loads(path.read_text())["options"]
+    except FileNotFoundError:
+        raise HywiaError(f"--recipe {path} not found: give the hywia.json of a model hywia pruned") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HywiaError(f"--recipe {path} is not a hywia.json with recorded options (models pruned before recipes were "
+                         "recorded have none): give the hywia.json of a model this hywia pruned") from None
+    return {k: v for k, v in options.items() if k not in NOT_RECIPE}
+
+
 def _prune(args) -> dict:
     from .checks import is_unstructured, memory, method_options
     from .figures import write_artifacts
@@ -198,7 +234,16 @@ def _prune(args) -> dict:
                               compensate=None if args.compensate is None else args.compensate == "yes",
                               kind_split=args.kind_split, memory=memory(args), **common)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
-    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
+    if args.gguf:
+        from .export import export_gguf
+        figures = artifacts
+
+        def artifacts(tmp: Path) -> None:
+            if figures is not None:
+                figures(tmp)
+            export_gguf(model, tmp / f"model.{args.gguf}.gguf", args.gguf, source=args.model)
+    options = {k: v for k, v in vars(args).items() if k not in NOT_RECIPE}
+    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds, "options": options}
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)
     return {**recipe, "out": str(args.out)}
 
@@ -266,12 +311,25 @@ def _eval(args) -> dict:
     return result
 
 
+def _export(args) -> dict:
+    from .export import export_gguf
+    from .io import load_model
+    model, _ = load_model(args.model, "float32", "cpu")
+    return {"export": export_gguf(model, args.out, args.type, source=args.model, overwrite=args.overwrite)}
+
+
 def _bench(args) -> dict:
     from .speed import compare
     return {"speed": compare(args.model, args.batches, args.dtype, args.device, args.prompt_len, args.new_tokens, args.repeats)}
 
 
 def _print_text(result: dict) -> None:
+    if "export" in result:
+        done = result["export"]
+        fallback = f"; {len(done['f16_fallback'])} matrices kept in f16 (rows not a multiple of 32)" if done["f16_fallback"] else ""
+        print(f"wrote {done['out']} ({done['bytes'] / 2**20:.1f} MiB, {done['type']}, llama.cpp architecture "
+              f"{done['arch']}{'' if done['uniform'] else ', per-layer widths'}){fallback}")
+        return
     if "speed" in result:
         from .speed import markdown
         print(markdown(result["speed"]))
@@ -317,7 +375,8 @@ def _print_text(result: dict) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parsed and checked arguments (stage 1 of hywia.checks: nothing is loaded). A bad value raises HywiaError
     (SystemExit(2) for what argparse itself refuses), with a one-line message."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(_recipe_defaults(argv)).parse_args(argv)
     from . import methods  # noqa: F401  (registers every method the checks name)
     from .checks import check_args
     check_args(args)
@@ -390,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parse(argv)
             from .io import claim_output
             with claim_output(args.out) if getattr(args, "out", None) and _is_main_process() else contextlib.nullcontext():
-                result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench}[args.command](args)
+                result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench, "export": _export}[args.command](args)
             text = _json(result) if args.json else None
         except HywiaError as e:
             print(f"hywia: error: {e}", file=sys.stderr)

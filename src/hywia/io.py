@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import remote
+from .card import model_card
 from .data import hub_reachable
 from .errors import HywiaError
 from .finite import check_weights
@@ -317,14 +318,14 @@ def stored_dtype(name: str) -> str | None:
     return value if value in DTYPES else None
 
 
-def check_output(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse an output that exists (unless `overwrite`), that is one of the run's `inputs`, or that cannot be
-    created, before any work is done, so a mistake costs nothing."""
+def check_output(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = (), file: bool = False) -> Path:
+    """Refuse an output (a folder, or a `file`) that exists (unless `overwrite`), that is one of the run's `inputs`,
+    or that cannot be created, before any work is done, so a mistake costs nothing."""
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise HywiaError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise HywiaError(f"output {out} exists and is not a directory; remove it or choose another --out")
+    if out.exists() and out.is_dir() == file:
+        raise HywiaError(f"output {out} exists and is {'a folder' if file else 'not a folder'}; remove it or choose another --out")
     resolved = out.resolve()
     for given in inputs:
         source = Path(given).expanduser().resolve()
@@ -403,16 +404,16 @@ def _temporary_name(out: Path, kind: str) -> str:
 
 
 def clear_stale(out: Path) -> list[Path]:
-    """Remove the temporary siblings of `out` that hywia runs left when they were killed outright (their pid is
-    gone), and warn about each by name; those of live processes are left alone."""
+    """Remove the temporary siblings of `out` (folders, or files of a GGUF export) that hywia runs left when they were
+    killed outright (their pid is gone), and warn about each by name; those of live processes are left alone."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.hywia-(\d+)-\w+(\.tmp)?")
     removed = []
     if not out.parent.is_dir():
         return removed
     for path in out.parent.iterdir():
         match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and int(match[1]) != os.getpid() and not _alive(int(match[1])):
-            shutil.rmtree(path, ignore_errors=True)
+        if match and int(match[1]) != os.getpid() and not _alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             warnings.warn(f"removed {path}, a temporary folder left by an earlier hywia run (pid {match[1]}) that was killed", stacklevel=3)
             removed.append(path)
     return removed
@@ -504,7 +505,9 @@ def save_model(model, tokenizer, out: str | Path, recipe: dict, overwrite: bool 
         if heterogeneous:
             base = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
             write_modeling_file(tmp, base)
-        (tmp / "hywia.json").write_text(json.dumps({**recipe, "versions": versions()}, indent=1) + "\n")
+        recorded = {**recipe, "versions": versions()}
+        (tmp / "hywia.json").write_text(json.dumps(recorded, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(recorded, heterogeneous))
         if extra is not None:
             extra(tmp)
     return out

