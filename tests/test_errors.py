@@ -460,3 +460,21 @@ def test_a_second_writer_of_the_same_output_is_refused(world, tmp_path):
         holder.wait()
     code, _, err = run(_argv(P + R, world, out))  # the lock dies with its process
     assert code == 0, err
+
+
+def test_a_signal_that_lands_in_a_finalizer_is_not_lost():
+    """Python drops an exception raised in `__del__`; a SIGTERM arriving there is sent again a moment later."""
+    from hywia.errors import Interrupted
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside __del__
+                pass
+
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(Interrupted), cli._signals_interrupt():
+        thing = Finalized()
+        del thing
+        time.sleep(2)  # the re-sent signal arrives here
+    assert "Exception ignored" not in err.getvalue()

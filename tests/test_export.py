@@ -23,16 +23,21 @@ def test_families_without_a_mapping_are_refused_by_name(tmp_path, tokenizer):
         export_gguf(gemma, tmp_path / "g.gguf", source="unused")
     with pytest.raises(HywiaError, match="GGUF export of 'opt' models is not supported"):
         export_gguf(tiny_model("opt"), tmp_path / "o.gguf", source="unused")
-    folder = save_model(tiny_model(), tokenizer, tmp_path / "hf", {"model": "meta-llama/Llama-2-7b-hf"})
-    with pytest.raises(HywiaError, match="does not come from a GGUF file"):
+    folder = save_model(tiny_model(), None, tmp_path / "hf", {"model": "meta-llama/Llama-2-7b-hf"})  # no tokenizer
+    with pytest.raises(HywiaError, match="neither comes from a GGUF file nor holds a byte-level BPE tokenizer.json"):
         export_gguf(tiny_model(), tmp_path / "l.gguf", source=str(folder))
+    llama3 = tiny_model("llama3")
+    llama3_folder = save_model(llama3, tokenizer, tmp_path / "llama3", {})
+    with pytest.raises(HywiaError, match="RoPE scaling 'llama3'"):
+        export_gguf(llama3, tmp_path / "l3.gguf", source=str(llama3_folder))
     assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_export_refuses_bad_options_in_one_line(tmp_path, capsys, tokenizer):
+    bare = save_model(tiny_model(), None, tmp_path / "bare", {})
+    assert main(["prune", "--model", str(bare), "--method", "l2", "--ratio", "0.2", "--gguf", "f16", "--out", str(tmp_path / "p")]) == 2
+    assert "neither comes from a GGUF file" in capsys.readouterr().err and not (tmp_path / "p").exists()
     folder = save_model(tiny_model(), tokenizer, tmp_path / "m", {})
-    assert main(["prune", "--model", str(folder), "--method", "l2", "--ratio", "0.2", "--gguf", "f16", "--out", str(tmp_path / "p")]) == 2
-    assert "does not come from a GGUF file" in capsys.readouterr().err and not (tmp_path / "p").exists()
     assert main(["prune", "--model", str(folder), "--method", "l2", "--ratio", "0.2", "--gguf", "q3", "--out", str(tmp_path / "p")]) == 2
     assert "unknown --gguf 'q3'" in capsys.readouterr().err
     for extra, message in ((["--type", "q2_k"], "unknown --type 'q2_k'"), (["--format", "onnx"], "unknown --format 'onnx'")):
@@ -61,7 +66,7 @@ def _as_stored(model, kind: str):
     return stored
 
 
-def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
+def _llama_cpp_logits(path, tokens: list[int], generate: bool = True) -> np.ndarray:
     try:
         import llama_cpp
     except ImportError:
@@ -69,8 +74,9 @@ def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)])
-    text = llm(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"]
-    assert isinstance(text, str)
+    if generate:
+        text = llm(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        assert isinstance(text, str) and text
     return logits
 
 
@@ -129,6 +135,38 @@ def test_uniform_export_reloads_in_transformers_with_the_same_logits(smollm2, tm
     assert again_tokenizer(PROMPT)["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=1e-4)
+
+
+def _bpe_with_one_merge():
+    """A byte-level BPE of 260 tokens (the tiny models' vocabulary): 256 bytes, one merge, three specials (llama.cpp's
+    BPE vocabulary needs merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"th": 256}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("t", "h")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert len(fast) == 260
+    return fast
+
+
+@pytest.mark.parametrize("family, scope, arch", [("llama", "layer", "llama"), ("llama", "global", "deci"), ("mistral", "global", "deci"),
+                                                 ("qwen2", "layer", "deci"), ("qwen2", "global", "deci"), ("qwen3", "layer", "qwen3"),
+                                                 ("phi3", "layer", "deci"), ("phi3", "global", "deci")])
+def test_tiny_families_from_hugging_face_folders_match_in_llama_cpp(family, scope, arch, tmp_path):
+    """Every mapped family, pruned uniformly or per layer, from a folder with a BPE tokenizer.json (metadata from the
+    config): llama.cpp's logits on the same token ids equal transformers' (float32)."""
+    model, _ = prune(tiny_model(family), method="l2", ratio=0.4, scope=scope)
+    folder = save_model(model, _bpe_with_one_merge(), tmp_path / "m", {})
+    done = export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder))
+    assert done["arch"] == arch
+    tokens = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", tokens, generate=False)
+    assert np.abs(got - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
 
 
 @pytest.fixture(scope="module")

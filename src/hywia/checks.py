@@ -186,11 +186,6 @@ def _check_finetune(args: argparse.Namespace) -> None:
         check_writable(folder / "step-0.pt")
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
-    if args.gguf is not None:
-        from .export import TYPES
-        _check_choice("gguf", args.gguf, TYPES)
-        if unstructured:
-            raise HywiaError("--gguf exports structured pruning's smaller dense model; sparse zeros gain nothing in llama.cpp")
 
 
 def _check_eval(args: argparse.Namespace) -> None:

@@ -404,6 +404,14 @@ def _json(result: dict) -> str:
 
 
 def _raise_interrupted(signum: int, frame) -> None:
+    """Raise Interrupted where the main thread is, unless that is inside a finalizer (`__del__`), where Python would
+    print the exception and drop it: then send the signal again a moment later, so no signal is ever lost."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            import threading
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
     raise Interrupted(signal.Signals(signum).name)
 
 

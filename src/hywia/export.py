@@ -5,16 +5,17 @@ that reads per-layer head counts and FFN widths for a model whose layers differ 
 NAS-pruned Nemotron models: `deci.attention.head_count`, `head_count_kv` and `feed_forward_length` as arrays, with
 optional output-projection biases, so FLAP-style compensation is kept), or None where llama.cpp has none for that
 family (Gemma 3's graph takes one head count and one FFN width for every layer): such a model is refused with the
-options that make it uniform. Families without a row (OPT: no llama.cpp architecture; BLOOM, Phi-3, Qwen3: not
-mapped yet) are refused by name.
+options that make it uniform. Families without a row (OPT: no llama.cpp architecture; BLOOM: not mapped yet, and its
+ALiBi slopes would have to follow the kept heads) are refused by name.
 
 What is written: every metadata field of the model's *source* GGUF (tokenizer, merges, special tokens, chat
 template, RoPE and norm settings), renamed to the target architecture, with the widths replaced by the pruned
 ones; the tensors of the pruned model under llama.cpp's names (gguf's own name map), with the two conversions
 llama.cpp's converter applies and transformers' GGUF loader undid: Q/K rows permuted from the rotate-half layout
-to llama.cpp's (LLaMA family), and Gemma's RMSNorm weights stored as 1 + w. Both packaged models come from GGUF,
-and a model pruned from one records it (hywia.json `model`, followed back through fine-tuning); a model from a
-Hugging Face folder has no GGUF tokenizer to carry over and is refused for now.
+to llama.cpp's (for its interleaved-RoPE architectures, `llama` and `deci`), and Gemma's RMSNorm weights stored as
+1 + w. Both packaged models come from GGUF, and a model pruned from one records it (hywia.json `model`, followed back
+through fine-tuning). A model from a Hugging Face folder gets its metadata from the config (default RoPE only) and
+its tokenizer from a byte-level BPE tokenizer.json (`_tokenizer_metadata`); SentencePiece tokenizers are refused.
 
 Types: f32; f16 and bf16 (matrices; norms and biases stay f32, as llama.cpp's converter does); q8_0 and q4_0
 (matrices whose rows are a multiple of 32, the block size; a pruned width that is not stays f16 and is counted in
@@ -23,6 +24,7 @@ at a higher type: on SmolLM2 a q4_0 output alone drops next-token agreement with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -36,6 +38,7 @@ from torch import nn
 from .errors import HywiaError
 from .finite import check_weights
 from .io import PACKAGED, check_output, clear_stale
+from .prune import layer_widths
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
@@ -45,20 +48,28 @@ BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
 class Target:
     uniform: str  # llama.cpp architecture for a model whose layers share their widths
     per_layer: str | None  # ... for one whose layers differ (None: llama.cpp has none for this family)
-    permute_qk: bool = False  # HF rotate-half Q/K rows -> llama.cpp's interleaved (NORM) RoPE layout
     norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma applies 1 + w)
 
 
 TARGETS: dict[str, Target] = {
-    "llama": Target("llama", "deci", permute_qk=True),
-    "mistral": Target("llama", "deci", permute_qk=True),
+    "llama": Target("llama", "deci"),
+    "mistral": Target("llama", "deci"),
+    # llama.cpp's qwen2 graph sizes Q as the hidden size, which pruned heads no longer fill; deci (LLaMA's graph, with
+    # the optional q/k/v biases Qwen2 has, Q/K permuted to its RoPE) takes any widths
+    "qwen2": Target("deci", "deci"),
+    "qwen3": Target("qwen3", None),  # per-head q/k norms: no per-layer architecture has them
     "gemma3_text": Target("gemma3", None, norm_offset=1.0),
+    # llama.cpp's phi3 graph sizes Q as the hidden size too; split into LLaMA's projections, Phi-3 is LLaMA's graph
+    "phi3": Target("deci", "deci"),
 }
+# llama.cpp architectures whose RoPE rotates interleaved pairs: HF's rotate-half Q/K rows are permuted for them
+NORM_ROPE = {"llama", "deci"}
 UNIFORM_OPTIONS = "--scope layer (the same widths in every layer)"
 
 
 def _source_gguf(reference: str, hops: int = 8) -> Path:
-    """The GGUF file a model came from: itself, its packaged file, or what its hywia.json names, followed back."""
+    """Where the tokenizer and metadata come from: the GGUF file a model came from (itself, its packaged file, or what
+    its hywia.json names, followed back), else the model's own folder when it holds a byte-level BPE tokenizer.json."""
     path = Path(reference).expanduser()
     if reference in PACKAGED:
         import importlib.metadata
@@ -70,9 +81,84 @@ def _source_gguf(reference: str, hops: int = 8) -> Path:
     if hops and recipe.is_file():
         origin = json.loads(recipe.read_text()).get("model")
         if origin and Path(origin).expanduser().resolve() != path.resolve():
-            return _source_gguf(origin, hops - 1)
-    raise HywiaError(f"{reference} does not come from a GGUF file, whose tokenizer the export carries over: export models "
-                     "pruned from a .gguf file or a packaged model (Hugging Face folders are not supported yet)")
+            with contextlib.suppress(HywiaError):
+                return _source_gguf(origin, hops - 1)
+    if _bpe_tokenizer(path) is not None:
+        return path
+    raise HywiaError(f"{reference} neither comes from a GGUF file nor holds a byte-level BPE tokenizer.json, whose "
+                     "tokenizer the export could carry over: export a model pruned from a .gguf file, a packaged model, "
+                     "or a folder with a BPE tokenizer.json (SentencePiece tokenizers are not converted yet)")
+
+
+def _bpe_tokenizer(folder: Path) -> dict | None:
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text(encoding="utf-8"))
+    return data if data.get("model", {}).get("type") == "BPE" and not data["model"].get("byte_fallback") else None
+
+
+def _tokenizer_metadata(writer, folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json as llama.cpp's `gpt2` tokenizer: tokens by id (padded to the embedding's rows
+    as convert_hf_to_gguf does), their types, merges, special ids, BOS rule and chat template. The pre-tokenizer is
+    llama.cpp's default regex: token ids are exact, text split into words may differ for tokenizers with their own."""
+    import gguf
+    from transformers import AutoTokenizer
+    data = _bpe_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = dict(data["model"]["vocab"])
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    vocab.update({t["content"]: i for i, t in added.items()})
+    by_id = {i: token for token, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            kind = gguf.TokenType.CONTROL if added.get(i, {}).get("special") else \
+                gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
+        else:
+            tokens.append(f"[PAD{i}]")
+            kind = gguf.TokenType.UNUSED
+        types.append(kind)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id), ("unk", tokenizer.unk_token_id),
+                        ("pad", tokenizer.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{name}_token_id")(value)
+    from .data import bos_id
+    writer.add_add_bos_token(bos_id(tokenizer) is not None)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _rope(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+
+
+def _check_config_metadata(config) -> None:
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise HywiaError("partial rotary embeddings are not exported from a Hugging Face folder yet")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") != "default":
+        raise HywiaError(f"RoPE scaling '{rope['rope_type']}' is not exported from a Hugging Face folder yet (llama.cpp needs "
+                         "its factors): export a model pruned from a .gguf file")
+
+
+def _config_metadata(writer, config, arch: str, head_dim: int) -> None:
+    """The fields llama.cpp's LLaMA-style architectures read, from a transformers config."""
+    writer.add_uint32(f"{arch}.context_length", config.max_position_embeddings)
+    writer.add_uint32(f"{arch}.embedding_length", config.hidden_size)
+    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
+    writer.add_float32(f"{arch}.rope.freq_base", float(_rope(config)["rope_theta"]))
+    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
+    writer.add_uint32(f"{arch}.vocab_size", config.vocab_size)
+    writer.add_string("general.name", "hywia model")
 
 
 def check_exportable(model_type: str, per_layer_widths: bool, source: str) -> None:
@@ -87,16 +173,30 @@ def check_exportable(model_type: str, per_layer_widths: bool, source: str) -> No
     _source_gguf(source)
 
 
-def layer_widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
-    """Per layer: query heads, KV heads, FFN width; and the head dimension."""
+def widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
+    """Per layer: query heads, KV heads, FFN width (read off the modules by the family's adapter); the head size."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    heads, kv, ffn = [], [], []
-    for layer in model.model.layers:
-        heads.append(layer.self_attn.q_proj.out_features // head_dim)
-        kv.append(layer.self_attn.k_proj.out_features // head_dim)
-        ffn.append(layer.mlp.gate_proj.out_features)
-    return heads, kv, ffn, head_dim
+    layers = layer_widths(model)
+    return ([w["num_attention_heads"] for w in layers], [w["num_key_value_heads"] for w in layers],
+            [w["intermediate_size"] for w in layers], head_dim)
+
+
+def _unfused(state: dict[str, torch.Tensor], heads: list[int], kv: list[int], head_dim: int):
+    """(name, tensor) of every weight, fused projections (Phi-3's qkv_proj, gate_up_proj) split into LLaMA's q/k/v and
+    gate/up, sized by each layer's own widths."""
+    for name, value in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith("self_attn.qkv_proj"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            sizes = [heads[layer] * head_dim, kv[layer] * head_dim, kv[layer] * head_dim]
+            base = prefix.removesuffix("qkv_proj")
+            yield from ((f"{base}{part}.{leaf}", t) for part, t in zip(("q_proj", "k_proj", "v_proj"), value.split(sizes)))
+        elif prefix.endswith("mlp.gate_up_proj"):
+            base = prefix.removesuffix("gate_up_proj")
+            yield from ((f"{base}{part}.{leaf}", t) for part, t in zip(("gate_proj", "up_proj"), value.chunk(2)))
+        else:
+            yield name, value
 
 
 def _permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -155,7 +255,7 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     if target is None:
         raise HywiaError(f"GGUF export of '{config.model_type}' models is not supported: hywia exports "
                          f"{', '.join(sorted(TARGETS))} (llama.cpp has no architecture mapped for this family yet)")
-    heads, kv, ffn, head_dim = layer_widths(model)
+    heads, kv, ffn, head_dim = widths(model)
     uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
     arch = target.uniform if uniform else target.per_layer
     if arch is None:
@@ -164,11 +264,13 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     if getattr(config, "hywia_kept_heads", None):
         raise HywiaError("models pruned with ALiBi head subsets cannot be exported to GGUF")
     check_weights(model, "nothing was exported")
-    src_path = _source_gguf(str(source)) if source is not None else None
-    if src_path is None:
+    if source is None:
         raise HywiaError("export needs the model's source (its folder, .gguf file or packaged name) for the tokenizer")
-    reader = gguf.GGUFReader(src_path)
-    src_arch = reader.fields["general.architecture"].contents()
+    src_path = _source_gguf(str(source))
+    reader = gguf.GGUFReader(src_path) if src_path.suffix == ".gguf" else None
+    src_arch = reader.fields["general.architecture"].contents() if reader is not None else target.uniform
+    if reader is None:
+        _check_config_metadata(config)
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise HywiaError(f"--out {out} must name a .gguf file")
@@ -177,14 +279,14 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src_arch.upper()], len(heads))
     tensors, fallback = [], []
     tied = getattr(config, "tie_word_embeddings", False)
-    for name, value in model.state_dict().items():
+    for name, value in _unfused(model.state_dict(), heads, kv, head_dim):
         if tied and name == "lm_head.weight":
             continue
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise HywiaError(f"no llama.cpp name for tensor {name} of a {config.model_type} model; nothing was exported")
         value = value.detach().float().cpu()
-        if target.permute_qk and (".q_proj." in name or ".k_proj." in name):
+        if arch in NORM_ROPE and (".q_proj." in name or ".k_proj." in name):
             value = _permute(value, head_dim)
         if target.norm_offset and name.endswith("norm.weight"):
             value = value + target.norm_offset
@@ -202,7 +304,11 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _copy_metadata(writer, reader, src_arch, arch)
+        if reader is not None:
+            _copy_metadata(writer, reader, src_arch, arch)
+        else:
+            _config_metadata(writer, config, arch, head_dim)
+            _tokenizer_metadata(writer, src_path, config.vocab_size)
         writer.add_file_type(FILE_TYPES[kind])
         values = {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ffn}
         for key, per_layer in values.items():

@@ -1,10 +1,10 @@
 """Pruned models in llama.cpp (issue 21): perplexity against transformers on the same windows, and speed.
 
-    HYWIA_DATA_DIR=../shared/data python benchmarks/llama_cpp.py [--pause-group PGID]
+    HYWIA_DATA_DIR=../shared/data python benchmarks/in_llama_cpp.py [--pause-group PGID]
 
 Prunes SmolLM2-135M with `hywia-adaptive` (the default: per-layer widths, so the file is llama.cpp's `deci`
-architecture) at 20% and 50%, and with `element2` at 20% and 50% (`--scope layer`: uniform widths, `llama`), once,
-into runs/llama_cpp/; exports each and the dense model with `hywia export` as f16, q8_0 and q4_0 (f32 for the
+architecture) at 20% and 50%, as it is and with `--round-to 32` (FFN widths a multiple of q8_0/q4_0's block, so no
+matrix stays f16), and with `element2` at 20% (`--scope layer`: uniform widths, `llama`), once, into runs/llama_cpp/; exports each and the dense model with `hywia export` as f16, q8_0 and q4_0 (f32 for the
 perplexity reference), then measures with llama-cpp-python (llama.cpp built from source):
 
 - perplexity: WikiText-2 test, the first `--windows` windows of 128 tokens (LLM-Pruner's protocol, as
@@ -35,8 +35,9 @@ from speed import paused  # noqa: E402
 
 MODELS = {"hywia-adaptive 20%": ["--method", "hywia-adaptive", "--ratio", "0.2"],
           "hywia-adaptive 50%": ["--method", "hywia-adaptive", "--ratio", "0.5"],
-          "element2 20% (layer)": ["--method", "element2", "--ratio", "0.2"],
-          "element2 50% (layer)": ["--method", "element2", "--ratio", "0.5"]}
+          "hywia-adaptive 20% (round-to 32)": ["--method", "hywia-adaptive", "--ratio", "0.2", "--round-to", "32"],
+          "hywia-adaptive 50% (round-to 32)": ["--method", "hywia-adaptive", "--ratio", "0.5", "--round-to", "32"],
+          "element2 20% (layer)": ["--method", "element2", "--ratio", "0.2"]}
 
 
 def llama(path: Path, threads: int):
