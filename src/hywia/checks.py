@@ -269,7 +269,8 @@ def check_config(args: argparse.Namespace, config) -> None:
             adapter_for(config)
             if args.gguf is not None:
                 from .export import check_exportable
-                varies = (args.scope or CRITERIA[args.method].scope) != "layer" or bool(args.layers)
+                scope = CRITERIA[args.method].scope if args.scope is None else args.scope
+                varies = scope != "layer" or bool(args.layers)
                 check_exportable(config.model_type, varies, args.model)
             if args.layers is not None and layers:
                 parse_layers(args.layers, layers)

@@ -62,30 +62,28 @@ def plot_alpha(report: PruneReport, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    """The training loss per optimizer step of a recovery run (written next to the merged model as loss.png)."""
+def _line(xs: list, ys: list, path: Path, xlabel: str, ylabel: str, title: str, marker: str | None) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(range(1, len(losses) + 1), losses, marker="." if len(losses) < 60 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (token-weighted NLL)")
+    ax.plot(xs, ys, marker=marker, ms=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    """The training loss per optimizer step of a recovery run (written next to the merged model as loss.png)."""
+    _line(list(range(1, len(losses) + 1)), losses, path, "optimizer step", "training loss (token-weighted NLL)", title,
+          "." if len(losses) < 60 else None)
 
 
 def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     """Held-out (WikiText-2 validation) perplexity against the training tokens seen, one point per evaluation."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([c["tokens"] for c in curve], [c["ppl"] for c in curve], marker="o", ms=3)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("WikiText-2 validation perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _line([c["tokens"] for c in curve], [c["ppl"] for c in curve], path, "training tokens", "WikiText-2 validation perplexity",
+          title, "o")
 
 
 def write_artifacts(directory: Path, report: PruneReport) -> None:
