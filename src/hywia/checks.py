@@ -212,7 +212,7 @@ def _check_bench(args: argparse.Namespace) -> None:
         args.batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
-    if not args.batches or min(args.batches) < 1:
+    if len(args.batches) == 0 or min(args.batches) < 1:
         raise HywiaError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers >= 1, e.g. 1,8")
     for model in args.model:
         check_model_ref(model)
