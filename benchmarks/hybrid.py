@@ -2,7 +2,9 @@
 has to beat (Element² at 20%, FLAP with per-layer allocation at 50%), over calibration seeds, no recovery. The
 chain ends at `--method hywia-adaptive`; an ablation row ("- ...") removes one ingredient from it again, and the
 "... as hywia-adaptive" rows give the baselines' own scores the same structure, allocation and split, so what the
-hybrid scores themselves add is measured apart from what the structure adds.
+hybrid scores themselves add is measured apart from what the structure adds. The last rows (issue 22) update the
+kept weights: SlimGPT, and "X + reconstruction" (X's groups, then a least-squares refit of the weights that read
+them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
     python benchmarks/report.py          # the tables in docs/RESULTS.md
@@ -51,8 +53,26 @@ CONFIGS = {
     "element2 as hywia-adaptive": {"method": "element2", "attention_unit": "query", "compensate": True, "scope": "global",
                                    "kind_split": "evidence"},
     "flap as hywia-adaptive": {"method": "flap", "attention_unit": "query", "scope": "global", "kind_split": "evidence"},
+    # issue 22: methods that update the kept weights (hywia.reconstruct), each "X + reconstruction" paired with X
+    "slimgpt": {"method": "slimgpt"},
+    "element2 + reconstruction": {"method": "element2", "reconstruct": True},
+    "hywia-adaptive + reconstruction": {"method": "hywia-adaptive", "reconstruct": True},  # refit jointly with the biases
+    "- compensation + reconstruction": {"method": "hywia-adaptive", "compensate": False, "reconstruct": True},  # refit replaces it
 }
 NAMED = {"+ evidence split": "--method hywia-adaptive"}  # chain rows that a method name gives in one flag (tested equal)
+
+
+def reset_peak_rss() -> None:
+    """Linux: start the process's peak resident set (VmHWM) afresh, so the next reading is one configuration's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """VmHWM since the last reset (Linux); the whole process's peak where that cannot be read."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return _peak_rss_mb()
 
 
 def main() -> None:
@@ -78,10 +98,12 @@ def main() -> None:
                         continue
                     print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} {ratio:.0%} {config}", file=sys.stderr, flush=True)
                     shared = bool(stats.grad)  # later configurations of a seed reuse the gradients the first one collected
+                    reset_peak_rss()
                     start = time.perf_counter()
                     model, report = prune(copy.deepcopy(dense), tokenizer, ratio=ratio, seed=seed, data_dir=args.data_dir,
                                           stats=stats, **CONFIGS[config])
                     seconds = time.perf_counter() - start
+                    prune_peak = peak_rss_mb()  # the dense copy, statistics and the pruning itself
                     model = model.to(torch.bfloat16)
                     ppl = {text: perplexity(model, tokenizer, data, seq_len=128, max_windows=args.windows, data_dir=args.data_dir).ppl
                            for text, data in (("heldout", heldout_text), ("test", "wikitext2"))}
@@ -89,6 +111,7 @@ def main() -> None:
                     row = {"key": key, "model": name, "seed": seed, "ratio": ratio, "config": config, "options": CONFIGS[config],
                            "achieved_ratio": report.achieved_ratio, "params_after": report.params_after, "ppl": ppl,
                            "alphas": alphas, "kind_split": report.extra.get("kind_split_evidence"), "prune_seconds": seconds, "shared_stats": shared, "process_peak_rss_mb": _peak_rss_mb(),
+                           "prune_peak_rss_mb": prune_peak,
                            "windows": args.windows, "machine": machine()}
                     with args.results.open("a") as f:
                         f.write(json.dumps(row) + "\n")

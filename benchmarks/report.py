@@ -160,7 +160,8 @@ def hybrid_table(records: list[dict]) -> str:
     baseline = {0.2: "element2", 0.5: "flap (layer scope)"}
     by = {(r["model"], r["ratio"], r["config"], r["seed"]): r for r in records}
     lines = ["| model | ratio | configuration | seeds | test ppl | held-out ppl | / paired row (test, per seed) | / baseline (test, per seed) | "
-             "alphas (attention; MLP) | attention share removed (per seed) | prune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "/ slimgpt (test, per seed) | alphas (attention; MLP) | attention share removed (per seed) | prune s | prune peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, ratio in sorted({(r["model"], r["ratio"]) for r in records}):
         configs = sorted({r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)}, key=chain.index)
         for config in configs:
@@ -179,14 +180,28 @@ def hybrid_table(records: list[dict]) -> str:
             shares = [f"{r['kind_split']['attention_share']:.2f}" for r in rows if r.get("kind_split")]
             unshared = [r["prune_seconds"] for r in rows if not r.get("shared_stats")]
             seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
-            # "+" adds to the row above, "-" takes from hywia-adaptive (the row above it), "... as hywia-adaptive" is its control
+            # "+" adds to the row above, "-" takes from hywia-adaptive (the row above it), "... as hywia-adaptive" is its
+            # control, "X + reconstruction" is X with the kept weights refit
             adaptive = next(name for name, flag in NAMED.items() if flag == "--method hywia-adaptive")
+            refit_of = config.removesuffix(" + reconstruction") if config.endswith(" + reconstruction") else None
             chained = chain[chain.index(config) - 1] if config.startswith(("+", "-")) else \
-                adaptive if config.endswith("as hywia-adaptive") else None
+                adaptive if config.endswith("as hywia-adaptive") or refit_of == "hywia-adaptive" else refit_of
             name = f"{config} (= {NAMED[config]})" if config in NAMED else config
             lines.append(f"| {model} | {ratio:.0%} | {name} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
-                         f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {alpha_text} | {', '.join(shares) or '-'} | {seconds} |")
+                         f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {ratios('slimgpt')} | {alpha_text} | {', '.join(shares) or '-'} | {seconds} | "
+                         f"{max(r.get('prune_peak_rss_mb', 0) for r in rows):.0f} |".replace("| 0 |", "| - |"))
     return "\n".join(lines)
+
+
+RECONSTRUCTION_ROWS = ("element2", "flap (layer scope)", "+ evidence split", "- compensation", "slimgpt", "element2 + reconstruction",
+                       "hywia-adaptive + reconstruction", "- compensation + reconstruction")
+
+
+def reconstruction_table(records: list[dict]) -> str:
+    """The hybrid table's rows that issue 22 compares: the baselines, hywia-adaptive with and without its compensation,
+    SlimGPT, and each with its kept weights refit, on the cells where the new rows were measured."""
+    new = {(r["model"], r["ratio"]) for r in records if r["config"] in RECONSTRUCTION_ROWS[4:]}
+    return hybrid_table([r for r in records if r["config"] in RECONSTRUCTION_ROWS and (r["model"], r["ratio"]) in new])
 
 
 def quantized_table(records: list[dict]) -> str:
@@ -251,6 +266,7 @@ if __name__ == "__main__":
         ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
         ("memory.jsonl", "Memory options", memory_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
+        ("hybrid.jsonl", "Updating the kept weights: reconstruction and SlimGPT (issue 22)", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),

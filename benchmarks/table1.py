@@ -41,6 +41,7 @@ METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are
     "wanda_sp": ["--method", "wanda_sp"],
     "vector": ["--method", "vector"],
     "saap": ["--method", "saap"],
+    "slimgpt": ["--method", "slimgpt"],  # issue 22: structured OBS, kept weights refit (retraining-free rows only)
 }
 # the 20% models recovered: HyWIA, Element2, the best retraining-free baseline, and SAAP with its own group fine-tuning
 RECOVERED = {"hywia-adaptive": [], "hywia": [], "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}

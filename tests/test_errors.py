@@ -147,6 +147,11 @@ CASES = {
     "target": (P + R + ["--target", "heads"], "unknown target 'heads'"),
     "stats dtype": (P + R + ["--stats-dtype", "int8"], "unknown --stats-dtype 'int8'"),
     "compensate": (P + R + ["--compensate", "maybe"], "argument --compensate: invalid choice: 'maybe'"),
+    "reconstruct": (P + R + ["--reconstruct", "maybe"], "argument --reconstruct: invalid choice: 'maybe'"),
+    "slimgpt without its reconstruction": (P + R + ["--method", "slimgpt", "--reconstruct", "no"], "leave out --reconstruct no"),
+    "reconstruct samples": (P + R + ["--reconstruct", "yes", "--reconstruct-samples", "0"], "--reconstruct-samples 0"),
+    "reconstruct with an unstructured method": (P + ["--method", "wanda", "--sparsity", "0.5", "--reconstruct", "yes"],
+                                                "--reconstruct does not apply to --method wanda"),
     "dtype": (P + R + ["--dtype", "float8"], "unknown --dtype 'float8'"),
     "layers syntax": (P + R + ["--layers", "abc"], "--layers 'abc' is not START:END"),
     "device unknown": (P + R + ["--device", "banana"], "unknown --device 'banana'"),
@@ -261,7 +266,7 @@ def _values():
 
 
 PRUNE_OPTIONS = ("--method", "--ratio", "--sparsity", "--pattern", "--calib", "--samples", "--seq-len", "--scope", "--target",
-                 "--layers", "--attention-unit", "--kind-split", "--compensate", "--min-keep", "--seed", "--round-to",
+                 "--layers", "--attention-unit", "--kind-split", "--compensate", "--reconstruct", "--reconstruct-samples", "--min-keep", "--seed", "--round-to",
                  "--batch-size", "--fusion", "--alpha", "--fusion-dim", "--normalize", "--spread", "--granularity",
                  "--sensitivity-samples", "--wbits", "--layers-per-pass", "--stats-dtype", "--stats-device", "--dtype", "--device")
 FINETUNE_OPTIONS = ("--rank", "--lora-alpha", "--lora-dropout", "--lr", "--batch-size", "--micro-batch-size", "--epochs", "--max-steps",

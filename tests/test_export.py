@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from hywia import HywiaError, prune, save_model
 from hywia.cli import main
-from hywia.export import export_gguf
+from hywia.export import check_exportable, export_gguf
 from test_smollm2 import packaged, require, smollm2  # noqa: F401  (the packaged model, loaded once; CI must have it)
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -23,13 +23,19 @@ def test_families_without_a_mapping_are_refused_by_name(tmp_path, tokenizer):
         export_gguf(gemma, tmp_path / "g.gguf", source="unused")
     with pytest.raises(HywiaError, match="GGUF export of 'opt' models is not supported"):
         export_gguf(tiny_model("opt"), tmp_path / "o.gguf", source="unused")
+    bloom, _ = prune(tiny_model("bloom"), method="l2", ratio=0.3, scope="layer")  # heads pruned (ALiBi subsets)
+    with pytest.raises(HywiaError, match="heads cannot be pruned for it; prune with --target mlp --scope layer"):
+        export_gguf(bloom, tmp_path / "b.gguf", source="unused")
+    with pytest.raises(HywiaError, match="heads cannot be pruned for it"):  # `prune --gguf` asks before pruning
+        check_exportable("bloom", per_layer_widths=False, source="unused", heads_pruned=True)
     folder = save_model(tiny_model(), None, tmp_path / "hf", {"model": "meta-llama/Llama-2-7b-hf"})  # no tokenizer
     with pytest.raises(HywiaError, match="neither comes from a GGUF file nor holds a byte-level BPE tokenizer.json"):
         export_gguf(tiny_model(), tmp_path / "l.gguf", source=str(folder))
-    llama3 = tiny_model("llama3")
-    llama3_folder = save_model(llama3, tokenizer, tmp_path / "llama3", {})
-    with pytest.raises(HywiaError, match="RoPE scaling 'llama3'"):
-        export_gguf(llama3, tmp_path / "l3.gguf", source=str(llama3_folder))
+    yarn = tiny_model("llama")
+    yarn.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    yarn_folder = save_model(yarn, tokenizer, tmp_path / "yarn", {})
+    with pytest.raises(HywiaError, match="RoPE scaling 'yarn'"):
+        export_gguf(yarn, tmp_path / "y.gguf", source=str(yarn_folder))
     assert not list(tmp_path.glob("*.gguf"))
 
 
@@ -152,17 +158,52 @@ def _bpe_with_one_merge():
     return fast
 
 
+def _sentencepiece_style():
+    """A LLaMA-2-style tokenizer.json of 260 tokens: <unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF>, and "▁";
+    BPE with byte fallback, "▁" for spaces, BOS in front."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)} | {"\u2581": 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_json_becomes_llama_cpps_llama_tokenizer(tmp_path):
+    """A folder whose tokenizer.json is SentencePiece-style (LLaMA 2, Gemma) exports with llama.cpp's `llama`
+    tokenizer: llama.cpp tokenizes text to the same ids as transformers (BOS, "▁", byte fallback) and its logits
+    on them equal transformers'."""
+    import llama_cpp
+    model, _ = prune(tiny_model("llama"), method="l2", ratio=0.4, scope="layer")
+    tokenizer = _sentencepiece_style()
+    folder = save_model(model, tokenizer, tmp_path / "m", {})
+    export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder))
+    text = "hello world, é!"
+    ids = tokenizer(text)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    assert llm.tokenize(text.encode()) == ids
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", ids, generate=False)
+    assert np.abs(got - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+
+
 @pytest.mark.parametrize("family, scope, arch", [("llama", "layer", "llama"), ("llama", "global", "deci"), ("mistral", "global", "deci"),
                                                  ("qwen2", "layer", "deci"), ("qwen2", "global", "deci"), ("qwen3", "layer", "qwen3"),
-                                                 ("phi3", "layer", "deci"), ("phi3", "global", "deci")])
+                                                 ("phi3", "layer", "deci"), ("phi3", "global", "deci"), ("bloom", "layer", "bloom"),
+                                                 ("llama3", "layer", "llama"), ("llama3", "global", "deci")])
 def test_tiny_families_from_hugging_face_folders_match_in_llama_cpp(family, scope, arch, tmp_path):
     """Every mapped family, pruned uniformly or per layer, from a folder with a BPE tokenizer.json (metadata from the
-    config): llama.cpp's logits on the same token ids equal transformers' (float32)."""
-    model, _ = prune(tiny_model(family), method="l2", ratio=0.4, scope=scope)
+    config): llama.cpp's logits on the same token ids equal transformers' (float32). BLOOM: MLP only (its heads stay).
+    Llama 3: its scaled RoPE as llama.cpp's rope_freqs (the tiny config's original context of 64 tokens makes the
+    scaling change the logits of these 40 tokens)."""
+    model, _ = prune(tiny_model(family), method="l2", ratio=0.4, scope=scope, target="mlp" if family == "bloom" else "both")
     folder = save_model(model, _bpe_with_one_merge(), tmp_path / "m", {})
     done = export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder))
     assert done["arch"] == arch
-    tokens = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
     got = _llama_cpp_logits(tmp_path / "m.gguf", tokens, generate=False)

@@ -28,6 +28,22 @@ def masked_reference(dense, kept: dict[str, list[int]], unit: str = "kv"):
     return ref
 
 
+def with_readers_of(reference, pruned, kept: dict[str, list[int]], unit: str = "kv"):
+    """`reference` (a masked dense model) with each output projection's kept columns and bias taken from `pruned`:
+    what a reconstructing method promises (it refits exactly those weights, hywia.reconstruct)."""
+    ref = copy.deepcopy(reference)
+    with torch.no_grad():
+        for s in find_groups(ref, "both", attention_unit=unit):
+            kept_ids = torch.tensor(kept.get(f"{s.layer}.{s.kind}", range(s.count)), dtype=torch.long)
+            reader, new = s.reader.module, pruned.get_submodule(s.reader.name)
+            reader.weight.data[:, s.reader.indices(kept_ids)] = new.weight.data
+            if new.bias is not None:
+                if reader.bias is None:
+                    reader.bias = torch.nn.Parameter(torch.zeros_like(new.bias))
+                reader.bias.data.copy_(new.bias.data)
+    return ref
+
+
 def mean_substituted_reference(dense, kept: dict[str, list[int]], calib_ids: torch.Tensor, unit: str = "kv"):
     """The dense model in which every removed input of o_proj / down_proj (a removed head's output, a removed
     channel's activation) is replaced by its mean over the calibration tokens: what bias compensation promises."""
@@ -70,8 +86,12 @@ def test_every_criterion_equals_masked_dense(method, calib_ids):
     pruned, report = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, seed=3)
     assert report.params_after < report.params_before
     unit = report.extra["attention_unit"]  # the method's own: query heads for hywia-adaptive
-    reference = mean_substituted_reference(dense, report.kept, calib_ids, unit) if CRITERIA[method].compensates \
-        else masked_reference(dense, report.kept, unit)
+    if CRITERIA[method].reconstructs:  # the refit readers (and biases) replace what compensation would have done
+        reference = with_readers_of(masked_reference(dense, report.kept, unit), pruned, report.kept, unit)
+    elif CRITERIA[method].compensates:
+        reference = mean_substituted_reference(dense, report.kept, calib_ids, unit)
+    else:
+        reference = masked_reference(dense, report.kept, unit)
     diff = (logits(pruned) - logits(reference)).abs().max().item()
     assert diff < 1e-4, diff
 

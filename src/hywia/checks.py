@@ -28,10 +28,10 @@ from .options import RANGES, check_values, flag
 from .sparsify import SPARSIFIERS
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "kind_split", "compensate", "layers_per_pass", "stats_dtype", "stats_device")
+                   "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "layers_per_pass", "stats_dtype", "stats_device")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
-                       "min_keep": 1, "stats_dtype": "float32"}
+                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128}
 UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
 
 
@@ -145,7 +145,8 @@ def _check_prune(args: argparse.Namespace) -> None:
     else:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
-        check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split)
+        check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split,
+                      None if args.reconstruct is None else args.reconstruct == "yes")
         if args.layers:
             layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
         memory(args).check()
@@ -271,7 +272,7 @@ def check_config(args: argparse.Namespace, config) -> None:
                 from .export import check_exportable
                 scope = CRITERIA[args.method].scope if args.scope is None else args.scope
                 varies = scope != "layer" or bool(args.layers)
-                check_exportable(config.model_type, varies, args.model)
+                check_exportable(config.model_type, varies, args.model, heads_pruned=(args.target or "both") != "mlp")
             if args.layers is not None and layers:
                 parse_layers(args.layers, layers)
         if args.seq_len == UNSTRUCTURED_DEFAULTS["seq_len"] and is_unstructured(args.method) and context:

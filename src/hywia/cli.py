@@ -62,8 +62,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     _add_common(p, model_required=False)
     p.add_argument("--recipe", default=None, help="hywia.json of a pruned model: take every option from it (those given here "
                    "win), to make the same model again")
-    p.add_argument("--method", default="hywia-adaptive", help="structured: hywia-adaptive (default), hywia, saap, random, l1, l2, vector, element1, element2, "
-                   "wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
+    p.add_argument("--method", default="hywia-adaptive", help="structured: hywia-adaptive (default), hywia, saap, slimgpt, random, l1, l2, vector, element1, "
+                   "element2, wanda_sp, flap; unstructured (zeros, same shapes): sparsegpt, wanda, mixed, magnitude")
     p.add_argument("--ratio", type=float, default=None, help="structured: fraction of the prunable parameters to remove, 0 < ratio < 1")
     p.add_argument("--sparsity", type=float, default=None, help="unstructured: fraction of the decoder weights to zero, 0 < s < 1")
     p.add_argument("--pattern", default=None, help="unstructured: N:M, N zeros in every M consecutive weights (2:4, 4:8)")
@@ -82,6 +82,10 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
+    p.add_argument("--reconstruct", default=None, choices=("yes", "no"), help="refit the weights that read removed groups "
+                   "(o_proj, down_proj) by least squares on calibration inputs, layer by layer (with --compensate yes: "
+                   "jointly with their biases; default: yes for slimgpt, no for the others)")
+    p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
@@ -232,6 +236,8 @@ def _prune(args) -> dict:
         model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, scope=args.scope, target=args.target,
                               layers=args.layers, min_keep=args.min_keep, round_to=args.round_to, attention_unit=args.attention_unit,
                               compensate=None if args.compensate is None else args.compensate == "yes",
+                              reconstruct=None if args.reconstruct is None else args.reconstruct == "yes",
+                              reconstruct_samples=args.reconstruct_samples,
                               kind_split=args.kind_split, memory=memory(args), **common)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     if args.gguf:

@@ -5,8 +5,9 @@ that reads per-layer head counts and FFN widths for a model whose layers differ 
 NAS-pruned Nemotron models: `deci.attention.head_count`, `head_count_kv` and `feed_forward_length` as arrays, with
 optional output-projection biases, so FLAP-style compensation is kept), or None where llama.cpp has none for that
 family (Gemma 3's graph takes one head count and one FFN width for every layer): such a model is refused with the
-options that make it uniform. Families without a row (OPT: no llama.cpp architecture; BLOOM: not mapped yet, and its
-ALiBi slopes would have to follow the kept heads) are refused by name.
+options that make it uniform. BLOOM maps onto llama.cpp's `bloom` with its MLP pruned uniformly (that graph sizes
+attention by the hidden size and derives ALiBi slopes from the head count, so heads stay). Families without a row
+(OPT: no llama.cpp architecture) are refused by name.
 
 What is written: every metadata field of the model's *source* GGUF (tokenizer, merges, special tokens, chat
 template, RoPE and norm settings), renamed to the target architecture, with the widths replaced by the pruned
@@ -14,8 +15,10 @@ ones; the tensors of the pruned model under llama.cpp's names (gguf's own name m
 llama.cpp's converter applies and transformers' GGUF loader undid: Q/K rows permuted from the rotate-half layout
 to llama.cpp's (for its interleaved-RoPE architectures, `llama` and `deci`), and Gemma's RMSNorm weights stored as
 1 + w. Both packaged models come from GGUF, and a model pruned from one records it (hywia.json `model`, followed back
-through fine-tuning). A model from a Hugging Face folder gets its metadata from the config (default RoPE only) and
-its tokenizer from a byte-level BPE tokenizer.json (`_tokenizer_metadata`); SentencePiece tokenizers are refused.
+through fine-tuning). A model from a Hugging Face folder gets its metadata from the config (default RoPE, or Llama 3's
+scaled RoPE as llama.cpp's `rope_freqs` tensor) and
+its tokenizer from its tokenizer.json: byte-level BPE as llama.cpp's `gpt2` tokenizer, SentencePiece-style BPE with
+byte fallback (LLaMA 2's layout) as its `llama` tokenizer (`_tokenizer_metadata`, `_spm_metadata`).
 
 Types: f32; f16 and bf16 (matrices; norms and biases stay f32, as llama.cpp's converter does); q8_0 and q4_0
 (matrices whose rows are a multiple of 32, the block size; a pruned width that is not stays f16 and is counted in
@@ -28,6 +31,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +42,38 @@ from torch import nn
 from .errors import HywiaError
 from .finite import check_weights
 from .io import PACKAGED, check_output, clear_stale
-from .prune import layer_widths
+from .removal import layer_widths
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
+
+
+def _llama_metadata(writer, config, arch: str, head_dim: int) -> None:
+    """The fields llama.cpp's LLaMA-style architectures read, from a transformers config."""
+    writer.add_uint32(f"{arch}.context_length", config.max_position_embeddings)
+    writer.add_uint32(f"{arch}.embedding_length", config.hidden_size)
+    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
+    writer.add_float32(f"{arch}.rope.freq_base", float(_rope(config)["rope_theta"]))
+    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
+    writer.add_uint32(f"{arch}.vocab_size", config.vocab_size)
+
+
+def _bloom_metadata(writer, config, arch: str, head_dim: int) -> None:
+    """BLOOM's fields as llama.cpp's converter writes them (ALiBi: no RoPE; its maximum bias is llama.cpp's own 8)."""
+    writer.add_uint32(f"{arch}.context_length", getattr(config, "seq_length", None) or 2048)
+    writer.add_uint32(f"{arch}.embedding_length", config.hidden_size)
+    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
+    writer.add_float32(f"{arch}.attention.layer_norm_epsilon", float(config.layer_norm_epsilon))
+
+
+def _bloom_qkv(name: str, value: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """BLOOM's fused query_key_value holds each head's q, k and v together; llama.cpp's holds all q, then all k, then v
+    (its converter's reordering)."""
+    if ".query_key_value." not in name:
+        return value
+    per_head = value.reshape(-1, 3, head_dim, *value.shape[1:])
+    return per_head.transpose(0, 1).reshape(value.shape)
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,10 @@ class Target:
     uniform: str  # llama.cpp architecture for a model whose layers share their widths
     per_layer: str | None  # ... for one whose layers differ (None: llama.cpp has none for this family)
     norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma applies 1 + w)
+    metadata: Callable = _llama_metadata  # the architecture's fields from a transformers config (HF folders)
+    reorder: Callable[[str, torch.Tensor, int], torch.Tensor] | None = None  # a tensor's layout in llama.cpp
+    prefix: str = ""  # stripped from transformers' tensor names before gguf's name map reads them
+    heads_fixed: bool = False  # llama.cpp sizes attention by the hidden size: heads cannot be pruned
 
 
 TARGETS: dict[str, Target] = {
@@ -61,10 +97,14 @@ TARGETS: dict[str, Target] = {
     "gemma3_text": Target("gemma3", None, norm_offset=1.0),
     # llama.cpp's phi3 graph sizes Q as the hidden size too; split into LLaMA's projections, Phi-3 is LLaMA's graph
     "phi3": Target("deci", "deci"),
+    # llama.cpp's bloom graph sizes Q, K, V and the output projection by the hidden size and derives ALiBi slopes
+    # from the head count: MLP-only pruning, uniform (`--target mlp --scope layer`)
+    "bloom": Target("bloom", None, metadata=_bloom_metadata, reorder=_bloom_qkv, prefix="transformer.", heads_fixed=True),
 }
 # llama.cpp architectures whose RoPE rotates interleaved pairs: HF's rotate-half Q/K rows are permuted for them
 NORM_ROPE = {"llama", "deci"}
 UNIFORM_OPTIONS = "--scope layer (the same widths in every layer)"
+MLP_ONLY_OPTIONS = "--target mlp --scope layer (uniform MLP widths, every head kept)"
 
 
 def _source_gguf(reference: str, hops: int = 8) -> Path:
@@ -83,11 +123,11 @@ def _source_gguf(reference: str, hops: int = 8) -> Path:
         if origin and Path(origin).expanduser().resolve() != path.resolve():
             with contextlib.suppress(HywiaError):
                 return _source_gguf(origin, hops - 1)
-    if _bpe_tokenizer(path) is not None:
+    if _bpe_tokenizer(path) is not None or _spm_tokenizer(path) is not None:
         return path
-    raise HywiaError(f"{reference} neither comes from a GGUF file nor holds a byte-level BPE tokenizer.json, whose "
-                     "tokenizer the export could carry over: export a model pruned from a .gguf file, a packaged model, "
-                     "or a folder with a BPE tokenizer.json (SentencePiece tokenizers are not converted yet)")
+    raise HywiaError(f"{reference} neither comes from a GGUF file nor holds a BPE tokenizer.json (byte-level, or "
+                     "SentencePiece-style with byte fallback), whose tokenizer the export could carry over: export a model "
+                     "pruned from a .gguf file, a packaged model, or a folder with such a tokenizer.json")
 
 
 def _bpe_tokenizer(folder: Path) -> dict | None:
@@ -96,6 +136,41 @@ def _bpe_tokenizer(folder: Path) -> dict | None:
         return None
     data = json.loads(file.read_text(encoding="utf-8"))
     return data if data.get("model", {}).get("type") == "BPE" and not data["model"].get("byte_fallback") else None
+
+
+def _spm_tokenizer(folder: Path) -> dict | None:
+    """A SentencePiece-style tokenizer.json (LLaMA 2's layout): BPE with byte fallback, decoded by a sequence."""
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    spm = model.get("type") == "BPE" and model.get("byte_fallback") and (data.get("decoder") or {}).get("type") == "Sequence"
+    return data if spm else None
+
+
+def _spm_metadata(writer, folder: Path, vocab_size: int) -> None:
+    """A SentencePiece-style tokenizer.json as llama.cpp's `llama` tokenizer, read by gguf's own LlamaHfVocab (tokens,
+    types, <0xXX> byte tokens) and SpecialVocab (special ids, BOS/EOS rules, chat template). llama.cpp merges by
+    score; tokenizer.json has merges, not scores, and these vocabularies list tokens in merge order, so a token's
+    score is minus its id (what SentencePiece's own BPE models hold, up to an offset). Padded to the embedding's rows."""
+    import gguf
+    from gguf.vocab import LlamaHfVocab, SpecialVocab
+    tokens, scores, types = [], [], []
+    for i, (text, _, kind) in enumerate(LlamaHfVocab(folder).all_tokens()):
+        tokens.append(text)
+        scores.append(-float(i) if kind == gguf.TokenType.NORMAL else 0.0)
+        types.append(kind)
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer)
 
 
 def _tokenizer_metadata(writer, folder: Path, vocab_size: int) -> None:
@@ -140,36 +215,44 @@ def _rope(config) -> dict:
     return getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
 
 
-def _check_config_metadata(config) -> None:
+def _check_config_metadata(config, arch: str) -> None:
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise HywiaError("partial rotary embeddings are not exported from a Hugging Face folder yet")
+    rope = _rope(config).get("rope_type", "default")
+    if rope != "default" and not (rope == "llama3" and arch in NORM_ROPE):
+        raise HywiaError(f"RoPE scaling '{rope}' is not exported from a Hugging Face folder yet (llama.cpp needs its factors; "
+                         "Llama 3's is): export a model pruned from a .gguf file")
+
+
+def _rope_freqs(config, head_dim: int) -> np.ndarray | None:
+    """Llama 3's RoPE scaling as llama.cpp takes it: one factor per rotary frequency (`rope_freqs.weight`), computed
+    as its converter computes it from the config's factors; None for unscaled RoPE."""
     rope = _rope(config)
-    if rope.get("rope_type", "default") != "default":
-        raise HywiaError(f"RoPE scaling '{rope['rope_type']}' is not exported from a Hugging Face folder yet (llama.cpp needs "
-                         "its factors): export a model pruned from a .gguf file")
+    if rope.get("rope_type") != "llama3":
+        return None
+    freqs = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    factors = np.where(wavelen < context / high, 1.0,
+                       np.where(wavelen > context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
-def _config_metadata(writer, config, arch: str, head_dim: int) -> None:
-    """The fields llama.cpp's LLaMA-style architectures read, from a transformers config."""
-    writer.add_uint32(f"{arch}.context_length", config.max_position_embeddings)
-    writer.add_uint32(f"{arch}.embedding_length", config.hidden_size)
-    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
-    writer.add_float32(f"{arch}.rope.freq_base", float(_rope(config)["rope_theta"]))
-    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
-    writer.add_uint32(f"{arch}.vocab_size", config.vocab_size)
-    writer.add_string("general.name", "hywia model")
-
-
-def check_exportable(model_type: str, per_layer_widths: bool, source: str) -> None:
+def check_exportable(model_type: str, per_layer_widths: bool, source: str, heads_pruned: bool = False) -> None:
     """Before a prune that ends in an export: the family maps onto llama.cpp (per layer too, if the run may give
-    layers different widths), and the source is a GGUF whose tokenizer can be carried over."""
+    layers different widths; with pruned heads, if the run prunes attention), and the source's tokenizer can be
+    carried over."""
     target = TARGETS.get(model_type)
     if target is None:
         raise HywiaError(f"GGUF export of '{model_type}' models is not supported: hywia exports {', '.join(sorted(TARGETS))}")
+    if heads_pruned and target.heads_fixed:
+        raise HywiaError(f"llama.cpp's {target.uniform} architecture sizes attention by the hidden size: heads cannot be pruned "
+                         f"for it; prune with {MLP_ONLY_OPTIONS}")
     if per_layer_widths and target.per_layer is None:
         raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer: "
-                         f"to export, prune with {UNIFORM_OPTIONS} over all layers")
+                         f"to export, prune with {MLP_ONLY_OPTIONS if target.heads_fixed else UNIFORM_OPTIONS} over all layers")
     _source_gguf(source)
 
 
@@ -261,8 +344,9 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     if arch is None:
         raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer, "
                          f"and this model's layers differ: prune it with {UNIFORM_OPTIONS} to export it")
-    if getattr(config, "hywia_kept_heads", None):
-        raise HywiaError("models pruned with ALiBi head subsets cannot be exported to GGUF")
+    if target.heads_fixed and (getattr(config, "hywia_kept_heads", None) or heads[0] != config.num_attention_heads):
+        raise HywiaError(f"llama.cpp's {arch} architecture sizes attention by the hidden size (and its ALiBi slopes by the head "
+                         f"count): heads cannot be pruned for it; prune with {MLP_ONLY_OPTIONS}")
     check_weights(model, "nothing was exported")
     if source is None:
         raise HywiaError("export needs the model's source (its folder, .gguf file or packaged name) for the tokenizer")
@@ -270,7 +354,7 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     reader = gguf.GGUFReader(src_path) if src_path.suffix == ".gguf" else None
     src_arch = reader.fields["general.architecture"].contents() if reader is not None else target.uniform
     if reader is None:
-        _check_config_metadata(config)
+        _check_config_metadata(config, arch)
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise HywiaError(f"--out {out} must name a .gguf file")
@@ -282,12 +366,14 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     for name, value in _unfused(model.state_dict(), heads, kv, head_dim):
         if tied and name == "lm_head.weight":
             continue
-        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name_map.get_name(name.removeprefix(target.prefix), try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise HywiaError(f"no llama.cpp name for tensor {name} of a {config.model_type} model; nothing was exported")
         value = value.detach().float().cpu()
         if arch in NORM_ROPE and (".q_proj." in name or ".k_proj." in name):
             value = _permute(value, head_dim)
+        if target.reorder is not None:
+            value = target.reorder(name, value, head_dim)
         if target.norm_offset and name.endswith("norm.weight"):
             value = value + target.norm_offset
         is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
@@ -295,6 +381,9 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
         tensors.append((gguf_name, data, raw_dtype))
         if kept_f16:
             fallback.append(gguf_name)
+    rope_freqs = _rope_freqs(config, head_dim) if arch in NORM_ROPE else None
+    if rope_freqs is not None:
+        tensors.append(("rope_freqs.weight", rope_freqs, None))
 
     folder = out.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -307,8 +396,9 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
         if reader is not None:
             _copy_metadata(writer, reader, src_arch, arch)
         else:
-            _config_metadata(writer, config, arch, head_dim)
-            _tokenizer_metadata(writer, src_path, config.vocab_size)
+            target.metadata(writer, config, arch, head_dim)
+            writer.add_string("general.name", "hywia model")
+            (_spm_metadata if _spm_tokenizer(src_path) else _tokenizer_metadata)(writer, src_path, config.vocab_size)
         writer.add_file_type(FILE_TYPES[kind])
         values = {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ffn}
         for key, per_layer in values.items():

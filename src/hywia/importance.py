@@ -135,7 +135,10 @@ class Criterion:
     sample's gradients (param name -> gradient, times `scale`) to named per-group values [total groups], whose
     moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
     `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
-    output projection on a second, disjoint draw of calibration windows (evidence for choosing among scorings)."""
+    output projection on a second, disjoint draw of calibration windows (evidence for choosing among scorings).
+    `reconstructs` makes `--reconstruct` the method's default (hywia.reconstruct); `select(set, W, H, n)` picks the
+    n groups of a set to remove from its reader's weights W and calibration Hessian H during that walk, on the
+    outputs of the layers already pruned (SlimGPT): the scores then only size each set's removal."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
     needs_grad: bool = False
@@ -149,6 +152,8 @@ class Criterion:
     kind_split: str = "ratio"  # the default --kind-split (hywia.split)
     per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
     heldout: Callable[[dict], bool] | None = None
+    reconstructs: bool = False
+    select: Callable[[LayerGroups, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
     @property
     def needs_data(self) -> bool:

@@ -62,6 +62,7 @@ RANGES: dict[str, Range] = {
     "fusion_dim": _count("the fusion model's width"),
     "spread": Range(0, what="how far ratios spread"),
     "sensitivity_samples": _count("calibration windows for the sensitivity"),
+    "reconstruct_samples": _count("calibration windows the reconstruction fits on"),
     "wbits": Range(2, 16, integer=True, what="bits per kept weight"),
     "layers_per_pass": _count("decoder layers per gradient sweep"),
     "batch_size": _count("sequences per batch"),

@@ -6,7 +6,6 @@ MLP (hywia.split). Removal replaces every member Linear by a smaller one, so the
 """
 from __future__ import annotations
 
-import copy
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,10 @@ from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_tensor, check_weights
 from .options import check_values
-from .grouping import ATTENTION_UNITS, LayerGroups, Part, find_groups, head_counts
+from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
-from .remote import sync_head_counts
+from .reconstruct import remove_and_refit
+from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
 from .split import attention_kind, check_split, choose_attention_share
 
 
@@ -57,140 +57,20 @@ def count_params(model: nn.Module) -> int:
 
 
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
-                  round_to: int = 1, attention_unit: str | None = None, kind_split: str | float | None = None) -> None:
+                  round_to: int = 1, attention_unit: str | None = None, kind_split: str | float | None = None,
+                  reconstruct: bool | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
     if attention_unit is not None and attention_unit not in ATTENTION_UNITS:
         raise HywiaError(f"unknown --attention-unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     if round_to < 1:
         raise HywiaError(f"--round-to {round_to} must be at least 1")
     criterion = get_criterion(method, method_options)
+    if criterion.select is not None and reconstruct is False:
+        raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
     check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
-
-
-def _kept(count: int, removed: torch.Tensor) -> list[int]:
-    gone = set(removed.tolist())
-    return [g for g in range(count) if g not in gone]
-
-
-def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor, bias_shift: torch.Tensor | None = None) -> nn.Linear:
-    """A Linear holding the kept rows (dim 0) or columns (dim 1); `bias_shift` is added to its bias (created if absent)."""
-    weight = module.weight.data.index_select(dim, rows.to(module.weight.device))
-    has_bias = module.bias is not None or bias_shift is not None
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if has_bias:
-        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        if module.bias is not None:
-            bias += module.bias.data[rows.to(weight.device)] if dim == 0 else module.bias.data
-        if bias_shift is not None:
-            bias += bias_shift.to(bias.device)
-        new.bias.data.copy_(bias)
-    new.weight.requires_grad_(module.weight.requires_grad)
-    return new
-
-
-def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor],
-                  input_means: dict[str, torch.Tensor] | None = None) -> None:
-    """Physically remove groups: every member Linear is replaced by a smaller one holding the kept slices (a fused
-    projection loses the rows of every part, and keeps its parts' order).
-
-    With `input_means` (module name -> mean input per feature), each removed input column j of an output
-    projection leaves W[:, j] * mean_j in the bias, so the layer's output moves by the removed columns'
-    fluctuation only (FLAP's bias compensation). Such added biases are recorded as a third `True` in the module's
-    entry of `hywia_pruned_shapes`, which is how a reload knows to build them."""
-    config = model.config
-    if not getattr(config, "head_dim", None):
-        config.head_dim = config.hidden_size // config.num_attention_heads  # pin it before head counts change
-    before = layer_widths(model)
-    shapes = dict(getattr(config, "hywia_pruned_shapes", None) or {})
-    if adapter_for(config).alibi:
-        _record_kept_heads(model, sets, removed)
-    for s, gone in zip(sets, removed):
-        if len(gone) == 0:
-            continue
-        by_module: dict[str, list[Part]] = {}
-        for part in s.parts:
-            by_module.setdefault(part.name, []).append(part)
-        for name, parts in by_module.items():
-            module, dim = parts[0].module, parts[0].dim
-            dropped = torch.cat([part.indices(gone) for part in parts])
-            keep = torch.ones(module.weight.shape[dim], dtype=torch.bool)
-            keep[dropped] = False
-            shift = None
-            if input_means is not None and dim == 1 and name in input_means:
-                columns = dropped.to(module.weight.device)
-                mean = input_means[name].to(module.weight.device)[columns]
-                shift = module.weight.data[:, columns].double() @ mean
-            new = _shrunk(module, dim, keep.nonzero().flatten(), shift)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-            added_bias = shift is not None or len(shapes.get(name, ())) > 2
-            shapes[name] = [new.out_features, new.in_features] + ([True] if added_bias else [])
-    record_widths(model, shapes, before)
-    sync_head_counts(model)
-
-
-def _record_kept_heads(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor]) -> None:
-    """ALiBi families: which of the original heads each layer keeps (`config.hywia_kept_heads`), composed with
-    any earlier pruning, so each kept head keeps its own slope on reload."""
-    config = model.config
-    if not any(s.kind == "attention" and len(gone) for s, gone in zip(sets, removed)):
-        return
-    kept_heads = list(getattr(config, "hywia_kept_heads", None) or [list(range(config.num_attention_heads))
-                                                                     for _ in model.get_submodule(adapter_for(config).layers)])
-    for s, gone in zip(sets, removed):
-        if s.kind == "attention" and len(gone):
-            kept_heads[s.layer] = [kept_heads[s.layer][g] for g in _kept(s.count, gone)]
-    config.hywia_kept_heads = kept_heads
-
-
-def layer_widths(model: nn.Module) -> list[dict]:
-    """Per-layer widths read off the modules: query heads, KV heads, MLP channels."""
-    adapter = adapter_for(model.config)
-    widths = []
-    for s in find_groups(model, "mlp"):
-        n_heads, n_kv = head_counts(model, f"{adapter.layers}.{s.layer}", adapter)
-        widths.append({"layer": s.layer, "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": s.count})
-    return widths
-
-
-def record_widths(model: nn.Module, shapes: dict[str, list[int]], before: list[dict]) -> None:
-    """Write the new widths into the config: plain config fields when every layer has the same widths and the
-    family's stock config can say them (the model then reloads with stock transformers, no flag), else per-module
-    shapes for modeling_hywia.py. `before` is `layer_widths` of the model as its config last described it."""
-    config = model.config
-    adapter = adapter_for(config)
-    widths = [{k: v for k, v in w.items() if k != "layer"} for w in layer_widths(model)]
-    config.hywia_layer_widths = widths
-    was_stock = not getattr(config, "hywia_pruned_shapes", None)
-    changed = {k for w, old in zip(widths, before) for k in w if w[k] != old[k]}
-    mapped = dict(adapter.config_widths)
-    stock = (was_stock and all(w == widths[0] for w in widths) and changed <= set(mapped)
-             and not any(len(shape) > 2 for shape in shapes.values())  # a stock config cannot ask for a bias on one projection
-             and not getattr(config, "hywia_kept_heads", None)  # nor for ALiBi slopes of a subset of heads
-             and _stock_config_accepts(config, {mapped[k]: widths[0][k] for k in changed}))
-    if stock:
-        for key in changed:
-            setattr(config, mapped[key], widths[0][key])
-        config.hywia_pruned_shapes = None
-    else:
-        config.hywia_pruned_shapes = shapes
-
-
-def _stock_config_accepts(config, fields: dict) -> bool:
-    """Whether transformers' own validation takes these widths as plain config fields (LLaMA, for one, insists
-    that hidden_size be a multiple of num_attention_heads, which a pruned head count need not be)."""
-    candidate = copy.deepcopy(config)
-    try:
-        for key, value in fields.items():
-            setattr(candidate, key, value)
-        candidate.validate()
-    except Exception:  # huggingface_hub's validation errors share no narrower base; any refusal means "use shapes"
-        return False
-    return True
 
 
 def _peak_rss_mb() -> float:
@@ -279,8 +159,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str | None = None,
-          compensate: bool | None = None, kind_split: str | float | None = None, stats: Stats | None = None,
-          memory: Memory | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
+          compensate: bool | None = None, kind_split: str | float | None = None, reconstruct: bool | None = None,
+          reconstruct_samples: int = 128, stats: Stats | None = None, memory: Memory | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
     `calib` is a dataset name or file path (tokenized with `tokenizer`), or token ids [n, seq_len] as a tensor.
@@ -294,6 +174,12 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     `kind_split` splits the budget between attention and MLP: "ratio" (the same fraction of each), a number (the
     fraction of attention removed), or "evidence" (the candidate with the lowest held-out calibration loss,
     hywia.split); default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
+    `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
+    calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
+    biases when `compensate` is on too; default: the criterion's own (True for slimgpt only). It draws its own
+    `reconstruct_samples` windows of `seq_len` from `calib` (seed `seed`): a refit of a layer with more input
+    features than calibration tokens would fit noise (SmolLM2's down_proj reads 1,536 features; 10 x 128 tokens
+    made the refit model worse than removal alone, 128 x 128 better, docs/reconstruction.md).
     `stats`, an empty `Stats(seed=seed)` or one a previous call filled, is filled in place and reused: a comparison of
     several options of one criterion on one dense model and calibration draw collects gradients once (the caller
     keeps model, calibration and seed the same; a per-sample criterion like SAAP's needs its own).
@@ -305,8 +191,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     """
     start = time.perf_counter()
     method_options = {k: v for k, v in method_options.items() if v is not None}
-    check_values(samples=samples, seq_len=seq_len, min_keep=min_keep, seed=seed, batch_size=batch_size, round_to=round_to)
-    check_options(method, ratio, scope, target, method_options, round_to, attention_unit, kind_split)
+    check_values(samples=samples, seq_len=seq_len, min_keep=min_keep, seed=seed, batch_size=batch_size, round_to=round_to,
+                 reconstruct_samples=reconstruct_samples)
+    check_options(method, ratio, scope, target, method_options, round_to, attention_unit, kind_split, reconstruct)
     memory = memory or Memory()
     memory.check()
     criterion = get_criterion(method, method_options)
@@ -325,7 +212,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     if criterion.needs_data:
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     compensate = criterion.compensates if compensate is None else compensate
-    if compensate and not criterion.needs_data:
+    reconstruct = criterion.reconstructs if reconstruct is None else reconstruct
+    if compensate and ids is None:
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     if stats is not None and stats.seed != seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
@@ -344,7 +232,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     allocation = lambda share: allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios, share)  # noqa: E731
     stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
-                   "kind_split": kind_split, "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
+                   "reconstruct": reconstruct, "kind_split": kind_split, "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
     share = None if kind_split in ("ratio", "evidence") else float(kind_split)
     if split_by_evidence:
         share, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size)
@@ -355,8 +243,13 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep, share)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
-    kept = {f"{s.layer}.{s.kind}": _kept(s.count, r) for s, r in zip(sets, removed)}
-    remove_groups(model, sets, removed, means)
+    if reconstruct:  # removed in place where the criterion selects during the walk
+        walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
+        extra["reconstruction_error"] = remove_and_refit(model, sets, removed, walk_ids, batch_size, intercept=compensate,
+                                                         select=criterion.select, device=memory.device)
+    else:
+        remove_groups(model, sets, removed, means)
+    kept = {f"{s.layer}.{s.kind}": kept_groups(s.count, r) for s, r in zip(sets, removed)}
     after_sets = find_groups(model, target, layers, attention_unit)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)
     per_layer = [{"layer": s.layer, "kind": s.kind, "groups": s.count, "params_before": before_layer[(s.layer, s.kind)],

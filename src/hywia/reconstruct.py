@@ -1,0 +1,142 @@
+"""Reconstruction: the weights that read removed groups' outputs are refit by least squares on calibration inputs,
+layer by layer on what the already-pruned layers produce.
+
+For an output projection (o_proj, down_proj) W [out, in] with calibration inputs X [in, tokens], H = X X^T, and
+kept input columns K, the refit
+
+    W_K' = argmin ||W X - W_K' X_K||^2 = W H[:, K] (H_KK + damp I)^-1
+
+is the Optimal Brain Surgeon update for removing the other columns R at once (W_K' = W_K - W_R ([H^-1]_RR)^-1
+[H^-1]_RK, the same matrix), dampened as SparseGPT dampens (1% of the mean diagonal). With `intercept` the bias is
+refit jointly (a constant feature 1 appended to X): the least-squares optimum over weights and bias, of which
+FLAP's bias compensation (W_K unchanged, b += W_R mean(X_R)) is one feasible point, so never better.
+
+`remove_and_refit` walks the decoder (`hywia.walk`): each layer runs on the outputs of the layers already pruned
+and refit, its output projections' inputs give H, its groups are removed and its readers refit, and the changed
+layer runs again for the next one (SparseGPT's protocol). A method that chooses its groups from H itself (SlimGPT,
+methods/slimgpt.py) passes `select`, which picks, per set, as many groups as the allocation removed there.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import HywiaError
+from .grouping import LayerGroups
+from .importance import Moments
+from .removal import remove_groups
+from .walk import walk_layers
+
+PERCDAMP = 0.01  # SparseGPT's dampening: 1% of the mean diagonal of H
+
+Select = Callable[[LayerGroups, torch.Tensor, torch.Tensor, int], torch.Tensor]  # (set, W, H, groups to remove) -> ids
+
+
+def dampened(hessian: torch.Tensor, damp: float = PERCDAMP) -> torch.Tensor:
+    """H + damp * mean(diag H) * I in float64; input features never seen (zero diagonal) get a unit diagonal, so the
+    solve stays defined and their (zero) inputs get zero weight."""
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return h
+
+
+def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, total: torch.Tensor | None = None,
+          count: int = 0, damp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The least-squares kept columns W_K' [out, |K|] of `weight` [out, in] given H = X X^T [in, in] (summed over
+    tokens), and with `total` (the inputs summed over the `count` tokens) the bias shift fit jointly (else None).
+
+    The dampening enters as OBS has it, H + lambda I throughout, which adds lambda ||W_K' - W_K||^2 to the squared
+    error: the refit is pulled towards the weights it starts from (as lambda grows it becomes removal alone), and
+    equals the sequence of OBS updates that removes the other columns (methods/slimgpt.py). damp=0: plain least squares."""
+    w = weight.double()
+    h = dampened(hessian, damp) if damp else hessian.double()
+    keep = keep.to(h.device)
+    system, right = h[keep][:, keep], w @ h[:, keep]
+    if total is not None:  # the constant feature 1 joins X: H gains the row and column of sums and the corner `count`
+        s = total.double().to(h.device)
+        system = torch.cat([torch.cat([system, s[keep, None]], 1), torch.cat([s[keep], s.new_tensor([count])])[None]], 0)
+        right = torch.cat([right, (w @ s)[:, None]], 1)
+    try:
+        solution = torch.linalg.solve(system, right.T).T
+    except torch.linalg.LinAlgError:
+        raise HywiaError("the calibration inputs of a layer are degenerate even after dampening; calibrate on more "
+                         "samples (--reconstruct-samples) or longer windows (--seq-len), or leave --reconstruct out") from None
+    if total is None:
+        return solution, None
+    return solution[:, :-1], solution[:, -1]
+
+
+def output_error(weight: torch.Tensor, hessian: torch.Tensor, new: torch.Tensor, bias_shift: torch.Tensor | None = None,
+                 total: torch.Tensor | None = None, count: int = 0) -> float:
+    """||W X - (W' X + shift)||^2 over the calibration tokens, from H alone: `new` [out, in] holds the kept columns'
+    new weights and zeros for the removed ones; `shift` needs `total` (sum of inputs) and `count` (tokens)."""
+    d = (weight.double() - new.double())
+    error = torch.einsum("oi,ij,oj->", d, hessian.double(), d)
+    if bias_shift is not None:
+        b = bias_shift.double()
+        error = error - 2 * b @ (d @ total.double()) + count * b @ b
+    return error.item()
+
+
+def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor], ids: torch.Tensor,
+                     batch_size: int, intercept: bool, select: Select | None = None, damp: float = PERCDAMP,
+                     device: str | torch.device | None = None) -> dict[int, dict[str, dict[str, float]]]:
+    """Remove `removed[i]` from `sets[i]` (in place: `select` may replace them by as many of its own choosing) layer
+    by layer, refitting each reader on its inputs; with `intercept`, jointly with its bias. Returns per layer and
+    kind the relative squared output error of the readers on their calibration inputs, removed alone vs refit."""
+    by_layer: dict[int, list[int]] = {}
+    for i, s in enumerate(sets):
+        by_layer.setdefault(s.layer, []).append(i)
+    moments = {s.reader.name: Moments() for s in sets}
+    errors: dict[int, dict[str, dict[str, float]]] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        """X X^T per batch in float32 (as SparseGPT accumulates it; float64 would triple the walk's time), summed in
+        float64, with the inputs' sum and count for the intercept."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        m = moments[name]
+        m.count += len(x)
+        m.total = m.total + x.sum(0).double()
+        m.cross = m.cross + (x.T @ x).double()
+
+    def after(index: int, layer: nn.Module) -> bool:
+        members = by_layer.get(index, [])
+        if not members:
+            return False
+        shifts = {}
+        for i in members:
+            s = sets[i]
+            m = moments.pop(s.reader.name)
+            module = s.reader.module
+            weight = module.weight.data
+            h = m.cross.to(weight.device)
+            if select is not None:
+                removed[i] = select(s, weight, h, len(removed[i]))
+            if len(removed[i]) == 0:
+                continue  # nothing left this set's inputs: its reader stays as it is
+            gone = s.reader.indices(removed[i])
+            keep = torch.ones(weight.shape[1], dtype=torch.bool)
+            keep[gone] = False
+            keep = keep.nonzero().flatten()
+            total = m.total.to(weight.device) if intercept else None
+            new, shift = refit(weight, h, keep, total, m.count, damp)
+            dropped = torch.zeros_like(weight, dtype=torch.float64)
+            dropped[:, keep] = weight.double()[:, keep]
+            scale = max(output_error(weight, h, torch.zeros_like(dropped)), 1e-30)
+            placed = torch.zeros_like(dropped)
+            placed[:, keep] = new
+            errors.setdefault(index, {})[s.kind] = {
+                "removed": output_error(weight, h, dropped) / scale,
+                "refit": output_error(weight, h, placed, shift, m.total, m.count) / scale}
+            weight[:, keep] = new.to(weight.dtype)
+            if shift is not None:
+                shifts[s.reader.name] = shift
+        remove_groups(model, [sets[i] for i in members], [removed[i] for i in members], shifts=shifts)
+        return True
+
+    walk_layers(model, ids, set(moments), observe, after, batch_size=batch_size, device=device, desc="reconstruct")
+    return errors

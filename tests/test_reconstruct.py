@@ -1,0 +1,158 @@
+"""Reconstruction (hywia.reconstruct) and SlimGPT (methods/slimgpt.py): the refit is the closed-form least-squares
+optimum and beats removal alone and bias compensation on correlated inputs; OBS group errors are what removing the
+group and refitting costs; the greedy OBS updates end at the refit; SlimGPT's layer ratios average the request;
+a pruned and reconstructed tiny model of every family reloads in a fresh process with identical logits."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
+from hywia import HywiaError, find_groups, prune
+from hywia.methods.slimgpt import group_errors, incremental_ratios, obs_remove, select
+from hywia.reconstruct import dampened, output_error, refit
+from test_io import assert_reloads_and_generates
+
+
+def correlated_layer(out: int = 12, features: int = 20, tokens: int = 400, seed: int = 0):
+    """W [out, features] and inputs X [features, tokens] whose features share a few latent factors and have means."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(5, tokens, generator=g, dtype=torch.float64)
+    mix = torch.randn(features, 5, generator=g, dtype=torch.float64)
+    x = mix @ latent + 0.3 * torch.randn(features, tokens, generator=g, dtype=torch.float64) + torch.randn(features, 1, generator=g, dtype=torch.float64)
+    return torch.randn(out, features, generator=g, dtype=torch.float64), x
+
+
+def direct_error(w, x, w_kept, keep, shift=None):
+    approx = w_kept @ x[keep] + (0 if shift is None else shift[:, None])
+    return (w @ x - approx).square().sum().item()
+
+
+def test_refit_is_the_least_squares_optimum_and_beats_removal_and_compensation():
+    w, x = correlated_layer()
+    keep = torch.arange(20)[torch.arange(20) % 3 != 0]
+    gone = torch.arange(20)[torch.arange(20) % 3 == 0]
+    h = x @ x.T
+    removal = direct_error(w, x, w[:, keep], keep)
+    compensation = direct_error(w, x, w[:, keep], keep, w[:, gone] @ x[gone].mean(1))
+    new, none = refit(w, h, keep, damp=0)
+    assert none is None
+    optimum = torch.linalg.lstsq(x[keep].T, (w @ x).T).solution.T
+    torch.testing.assert_close(new, optimum, rtol=1e-8, atol=1e-8)
+    new_b, shift = refit(w, h, keep, x.sum(1), x.shape[1], damp=0)
+    design = torch.cat([x[keep], torch.ones(1, x.shape[1], dtype=torch.float64)])
+    optimum_b = torch.linalg.lstsq(design.T, (w @ x).T).solution.T
+    torch.testing.assert_close(torch.cat([new_b, shift[:, None]], 1), optimum_b, rtol=1e-8, atol=1e-8)
+    least, least_b = direct_error(w, x, new, keep), direct_error(w, x, new_b, keep, shift)
+    assert least_b <= least < removal and least_b < compensation < removal, (least_b, least, compensation, removal)
+    # the error the report gives is read off H alone
+    placed = torch.zeros_like(w)
+    placed[:, keep] = new_b
+    assert output_error(w, h, placed, shift, x.sum(1), x.shape[1]) == pytest.approx(least_b, rel=1e-6)
+
+
+def test_dampening_pulls_the_refit_towards_removal_alone():
+    w, x = correlated_layer()
+    keep = torch.arange(14)
+    h = x @ x.T
+    errors = [direct_error(w, x, refit(w, h, keep, damp=d)[0], keep) for d in (0, 0.01, 1, 1e6)]
+    assert errors == sorted(errors)
+    assert errors[-1] == pytest.approx(direct_error(w, x, w[:, keep], keep), rel=1e-3)
+
+
+def test_obs_group_error_is_the_cost_of_removing_the_group_and_refitting():
+    w, x = correlated_layer(features=24)
+    h = x @ x.T
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened(h)))
+    columns = torch.arange(24).view(6, 4)  # six "heads" of four columns
+    errors = group_errors(w, inverse, columns)
+    hd = dampened(h)
+    for g in range(6):
+        keep = torch.tensor([c for c in range(24) if c // 4 != g])
+        new, _ = refit(w, h, keep)
+        placed = torch.zeros_like(w)
+        placed[:, keep] = new
+        # the dampened objective: output error on H + lambda I
+        assert errors[g].item() == pytest.approx(output_error(w, hd, placed), rel=1e-6)
+
+
+def test_greedy_obs_updates_end_at_the_refit_of_what_they_removed():
+    w, x = correlated_layer(features=24)
+    h = x @ x.T
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened(h)))
+    updated = w.clone()
+    for batch in (torch.tensor([3, 7, 11]), torch.tensor([0]), torch.tensor([20, 21])):
+        obs_remove(updated, inverse, batch)
+    gone = torch.tensor([0, 3, 7, 11, 20, 21])
+    keep = torch.tensor([c for c in range(24) if c not in gone])
+    assert updated[:, gone].abs().max() < 1e-8
+    torch.testing.assert_close(updated[:, keep], refit(w, h, keep)[0], rtol=1e-7, atol=1e-9)
+
+
+def test_slimgpt_removes_a_duplicated_channel_before_a_cheap_looking_one():
+    """Channel 0 is a copy of channel 1 (the refit moves its weight over at no cost); channel 2 has the smallest
+    weights. Removal by magnitude would take 2; OBS takes 0 or 1 (with little dampening: SparseGPT's 1% of the mean
+    diagonal would charge the duplicate for the ridge it adds)."""
+    model = tiny_model("llama", layers=1)
+    s = next(s for s in find_groups(model, "mlp"))
+    weight = s.reader.module.weight.data.double()
+    weight[:, 2] *= 0.05
+    _, x = correlated_layer(features=weight.shape[1], tokens=600)
+    x[0] = x[1]
+    assert set(select(s, weight, x @ x.T, 1, damp=1e-8).tolist()) <= {0, 1}
+
+
+def test_balanced_selection_takes_the_same_number_from_every_kv_group():
+    model = tiny_model("llama", layers=1)
+    s = next(s for s in find_groups(model, "both", attention_unit="query") if s.kind == "query")
+    _, x = correlated_layer(features=s.reader.module.in_features, tokens=600)
+    gone = select(s, s.reader.module.weight.data, x @ x.T, 4)  # 8 query heads over 4 KV groups: one from each
+    assert sorted((gone // 2).tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8])
+def test_incremental_ratios_rise_with_depth_and_average_the_request(ratio):
+    ratios = incremental_ratios(list(range(30)), ratio)
+    values = list(ratios.values())
+    assert values == sorted(values) and values[0] < values[-1]
+    assert sum(values) / 30 == pytest.approx(ratio)
+    assert values[-1] <= (1 + ratio) / 2 + 1e-12
+    assert values[0] == (0 if ratio < 0.5 else pytest.approx(values[0]))
+    assert incremental_ratios([4], ratio) == {4: ratio}
+
+
+def test_reconstruction_lowers_every_readers_calibration_error(calib_ids):
+    for kwargs in ({"method": "element2", "reconstruct": True}, {"method": "l2", "reconstruct": True, "compensate": True},
+                   {"method": "slimgpt"}):
+        _, report = prune(tiny_model("qwen2"), ratio=0.3, calib=calib_ids, **kwargs)
+        errors = [e for layer in report.extra["reconstruction_error"].values() for e in layer.values()]
+        assert errors and all(e["refit"] < e["removed"] for e in errors), errors
+        assert report.extra["reconstruct"] is True
+
+
+def test_slimgpt_meets_the_ratio_with_layer_ratios_rising(calib_ids):
+    model, report = prune(tiny_model("llama", layers=6), method="slimgpt", ratio=0.3, calib=calib_ids)
+    assert abs(report.achieved_ratio - 0.3) < 0.05
+    kept = [sum(p["params_after"] for p in report.per_layer if p["layer"] == layer) for layer in range(6)]
+    assert kept[0] >= kept[-1] and kept[0] == max(kept)
+
+
+def test_slimgpt_refuses_to_run_without_its_reconstruction(calib_ids):
+    with pytest.raises(HywiaError, match="--reconstruct no"):
+        prune(tiny_model(), method="slimgpt", ratio=0.3, calib=calib_ids, reconstruct=False)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *OTHER_FAMILIES])
+def test_reconstructed_model_of_every_family_reloads_in_a_fresh_process(family, tmp_path, tokenizer, calib_ids):
+    dense = tiny_model(family)
+    model, report = prune(copy.deepcopy(dense), method="slimgpt", ratio=0.4, calib=calib_ids)
+    assert report.params_after < report.params_before
+    assert_reloads_and_generates(model, tokenizer, tmp_path)
+
+
+def test_reconstruction_with_compensation_adds_biases_that_reload(tmp_path, tokenizer, calib_ids):
+    model, _ = prune(tiny_model("mistral"), method="element2", ratio=0.4, calib=calib_ids, reconstruct=True, compensate=True)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    assert_reloads_and_generates(model, tokenizer, tmp_path)
