@@ -4,7 +4,8 @@ chain ends at `--method hywia-adaptive`; an ablation row ("- ...") removes one i
 "... as hywia-adaptive" rows give the baselines' own scores the same structure, allocation and split, so what the
 hybrid scores themselves add is measured apart from what the structure adds. The last rows (issue 22) update the
 kept weights: SlimGPT, and "X + reconstruction" (X's groups, then a least-squares refit of the weights that read
-them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases).
+them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases), each paired with
+the row PAIRED names.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
     python benchmarks/report.py          # the tables in docs/RESULTS.md
@@ -58,7 +59,13 @@ CONFIGS = {
     "element2 + reconstruction": {"method": "element2", "reconstruct": True},
     "hywia-adaptive + reconstruction": {"method": "hywia-adaptive", "reconstruct": True},  # refit jointly with the biases
     "- compensation + reconstruction": {"method": "hywia-adaptive", "compensate": False, "reconstruct": True},  # refit replaces it
+    # hywia-adaptive's allocation (how many groups each set loses), OBS errors on the pruned prefix choosing which
+    "hywia-adaptive + obs selection": {"method": "hywia-adaptive", "reconstruct": "obs"},
 }
+# the row each issue-22 row is paired with (the others: "+"/"-" with the row before them in CONFIGS)
+PAIRED = {"element2 + reconstruction": "element2", "hywia-adaptive + reconstruction": "+ evidence split",
+          "- compensation + reconstruction": "hywia-adaptive + reconstruction",
+          "hywia-adaptive + obs selection": "hywia-adaptive + reconstruction"}
 NAMED = {"+ evidence split": "--method hywia-adaptive"}  # chain rows that a method name gives in one flag (tested equal)
 
 

@@ -155,7 +155,7 @@ def sparsity_seeds_table(records: list[dict]) -> str:
 def hybrid_table(records: list[dict]) -> str:
     """benchmarks/hybrid.py: per model and ratio, each configuration's WikiText-2 test and held-out (validation) ppl
     over seeds, its per-seed ratio to the row before it (the ingredient it adds) and to the baseline to beat."""
-    from hybrid import CONFIGS, NAMED  # the chain's order, and the configurations that have a --method name of their own
+    from hybrid import CONFIGS, NAMED, PAIRED  # the chain's order, the configurations that have a --method name of their own
     chain = list(CONFIGS)
     baseline = {0.2: "element2", 0.5: "flap (layer scope)"}
     by = {(r["model"], r["ratio"], r["config"], r["seed"]): r for r in records}
@@ -180,12 +180,11 @@ def hybrid_table(records: list[dict]) -> str:
             shares = [f"{r['kind_split']['attention_share']:.2f}" for r in rows if r.get("kind_split")]
             unshared = [r["prune_seconds"] for r in rows if not r.get("shared_stats")]
             seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
-            # "+" adds to the row above, "-" takes from hywia-adaptive (the row above it), "... as hywia-adaptive" is its
-            # control, "X + reconstruction" is X with the kept weights refit
+            # PAIRED names the issue-22 rows' pairs; "+" adds to the row above, "-" takes from hywia-adaptive (the row above
+            # it), "... as hywia-adaptive" is its control
             adaptive = next(name for name, flag in NAMED.items() if flag == "--method hywia-adaptive")
-            refit_of = config.removesuffix(" + reconstruction") if config.endswith(" + reconstruction") else None
-            chained = chain[chain.index(config) - 1] if config.startswith(("+", "-")) else \
-                adaptive if config.endswith("as hywia-adaptive") or refit_of == "hywia-adaptive" else refit_of
+            chained = PAIRED.get(config) or (chain[chain.index(config) - 1] if config.startswith(("+", "-")) else
+                                             adaptive if config.endswith("as hywia-adaptive") else None)
             name = f"{config} (= {NAMED[config]})" if config in NAMED else config
             lines.append(f"| {model} | {ratio:.0%} | {name} | {len(rows)} | {cell([r['ppl']['test'] for r in rows])} | "
                          f"{cell([r['ppl']['heldout'] for r in rows])} | {ratios(chained)} | {ratios(baseline.get(ratio))} | {ratios('slimgpt')} | {alpha_text} | {', '.join(shares) or '-'} | {seconds} | "
@@ -194,7 +193,7 @@ def hybrid_table(records: list[dict]) -> str:
 
 
 RECONSTRUCTION_ROWS = ("element2", "flap (layer scope)", "+ evidence split", "- compensation", "slimgpt", "element2 + reconstruction",
-                       "hywia-adaptive + reconstruction", "- compensation + reconstruction")
+                       "hywia-adaptive + reconstruction", "- compensation + reconstruction", "hywia-adaptive + obs selection")
 
 
 def reconstruction_table(records: list[dict]) -> str:

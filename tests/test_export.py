@@ -29,7 +29,7 @@ def test_families_without_a_mapping_are_refused_by_name(tmp_path, tokenizer):
     with pytest.raises(HywiaError, match="heads cannot be pruned for it"):  # `prune --gguf` asks before pruning
         check_exportable("bloom", per_layer_widths=False, source="unused", heads_pruned=True)
     folder = save_model(tiny_model(), None, tmp_path / "hf", {"model": "meta-llama/Llama-2-7b-hf"})  # no tokenizer
-    with pytest.raises(HywiaError, match="neither comes from a GGUF file nor holds a byte-level BPE tokenizer.json"):
+    with pytest.raises(HywiaError, match="neither comes from a GGUF file nor holds a BPE tokenizer.json"):
         export_gguf(tiny_model(), tmp_path / "l.gguf", source=str(folder))
     yarn = tiny_model("llama")
     yarn.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}

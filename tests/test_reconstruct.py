@@ -11,8 +11,8 @@ import torch
 
 from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 from hywia import HywiaError, find_groups, prune
-from hywia.methods.slimgpt import group_errors, incremental_ratios, obs_remove, select
-from hywia.reconstruct import dampened, output_error, refit
+from hywia.methods.slimgpt import incremental_ratios
+from hywia.reconstruct import dampened, group_errors, obs_remove, obs_select, output_error, refit
 from test_io import assert_reloads_and_generates
 
 
@@ -101,14 +101,14 @@ def test_slimgpt_removes_a_duplicated_channel_before_a_cheap_looking_one():
     weight[:, 2] *= 0.05
     _, x = correlated_layer(features=weight.shape[1], tokens=600)
     x[0] = x[1]
-    assert set(select(s, weight, x @ x.T, 1, damp=1e-8).tolist()) <= {0, 1}
+    assert set(obs_select(s, weight, x @ x.T, 1, damp=1e-8).tolist()) <= {0, 1}
 
 
 def test_balanced_selection_takes_the_same_number_from_every_kv_group():
     model = tiny_model("llama", layers=1)
     s = next(s for s in find_groups(model, "both", attention_unit="query") if s.kind == "query")
     _, x = correlated_layer(features=s.reader.module.in_features, tokens=600)
-    gone = select(s, s.reader.module.weight.data, x @ x.T, 4)  # 8 query heads over 4 KV groups: one from each
+    gone = obs_select(s, s.reader.module.weight.data, x @ x.T, 4)  # 8 query heads over 4 KV groups: one from each
     assert sorted((gone // 2).tolist()) == [0, 1, 2, 3]
 
 
@@ -130,6 +130,17 @@ def test_reconstruction_lowers_every_readers_calibration_error(calib_ids):
         errors = [e for layer in report.extra["reconstruction_error"].values() for e in layer.values()]
         assert errors and all(e["refit"] < e["removed"] for e in errors), errors
         assert report.extra["reconstruct"] is True
+
+
+def test_obs_selection_keeps_the_criterions_counts_and_chooses_what_refits_best(calib_ids):
+    """`--reconstruct obs`: every set loses as many groups as the criterion's allocation says, but which ones OBS
+    chooses; in the first layer (both runs see the dense model's inputs there) its choice refits to a lower error."""
+    _, scored = prune(tiny_model("qwen2"), method="element2", ratio=0.3, calib=calib_ids, reconstruct=True)
+    _, chosen = prune(tiny_model("qwen2"), method="element2", ratio=0.3, calib=calib_ids, reconstruct="obs")
+    assert {k: len(v) for k, v in chosen.kept.items()} == {k: len(v) for k, v in scored.kept.items()}
+    assert chosen.kept != scored.kept and chosen.extra["reconstruct"] == "obs"
+    first = [run.extra["reconstruction_error"][0] for run in (chosen, scored)]
+    assert sum(e["refit"] for e in first[0].values()) < sum(e["refit"] for e in first[1].values())
 
 
 def test_slimgpt_meets_the_ratio_with_layer_ratios_rising(calib_ids):

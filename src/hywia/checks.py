@@ -32,6 +32,7 @@ STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to",
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
                        "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128}
+RECONSTRUCT = {None: None, "yes": True, "no": False, "obs": "obs"}  # --reconstruct -> prune(reconstruct=)
 UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
 
 
@@ -146,7 +147,7 @@ def _check_prune(args: argparse.Namespace) -> None:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
         check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split,
-                      None if args.reconstruct is None else args.reconstruct == "yes")
+                      RECONSTRUCT[args.reconstruct])
         if args.layers:
             layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
         memory(args).check()

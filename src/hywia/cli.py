@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but its errors are one line like every other hywia error."""
 
     def error(self, message: str):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # an echoed value keeps the line whole
         self.exit(2, f"hywia: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -82,9 +83,10 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
-    p.add_argument("--reconstruct", default=None, choices=("yes", "no"), help="refit the weights that read removed groups "
+    p.add_argument("--reconstruct", default=None, choices=("yes", "obs", "no"), help="refit the weights that read removed groups "
                    "(o_proj, down_proj) by least squares on calibration inputs, layer by layer (with --compensate yes: "
-                   "jointly with their biases; default: yes for slimgpt, no for the others)")
+                   "jointly with their biases); obs: also let OBS errors choose which groups of each layer go, the method "
+                   "still deciding how many (default: yes for slimgpt, no for the others)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -218,7 +220,7 @@ def _recipe_defaults(argv: list[str]) -> dict:
 
 
 def _prune(args) -> dict:
-    from .checks import is_unstructured, memory, method_options
+    from .checks import RECONSTRUCT, is_unstructured, memory, method_options
     from .figures import write_artifacts
     from .io import save_model
     from .prune import prune
@@ -236,7 +238,7 @@ def _prune(args) -> dict:
         model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, scope=args.scope, target=args.target,
                               layers=args.layers, min_keep=args.min_keep, round_to=args.round_to, attention_unit=args.attention_unit,
                               compensate=None if args.compensate is None else args.compensate == "yes",
-                              reconstruct=None if args.reconstruct is None else args.reconstruct == "yes",
+                              reconstruct=RECONSTRUCT[args.reconstruct],
                               reconstruct_samples=args.reconstruct_samples,
                               kind_split=args.kind_split, memory=memory(args), **common)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731

@@ -3,7 +3,11 @@ ended the run, its message saying what was kept (docs/errors.md)."""
 
 
 class HywiaError(Exception):
-    pass
+    """One line, always: a user's value echoed in the message (a path or name with a newline in it) is escaped, so
+    the message stays the single line the CLI prints."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class Interrupted(KeyboardInterrupt):

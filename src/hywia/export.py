@@ -109,7 +109,7 @@ MLP_ONLY_OPTIONS = "--target mlp --scope layer (uniform MLP widths, every head k
 
 def _source_gguf(reference: str, hops: int = 8) -> Path:
     """Where the tokenizer and metadata come from: the GGUF file a model came from (itself, its packaged file, or what
-    its hywia.json names, followed back), else the model's own folder when it holds a byte-level BPE tokenizer.json."""
+    its hywia.json names, followed back), else the model's own folder when its tokenizer.json is one the export converts."""
     path = Path(reference).expanduser()
     if reference in PACKAGED:
         import importlib.metadata

@@ -21,7 +21,7 @@ from .finite import check_tensor, check_weights
 from .options import check_values
 from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
-from .reconstruct import remove_and_refit
+from .reconstruct import obs_select, remove_and_refit
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
 from .split import attention_kind, check_split, choose_attention_share
 
@@ -58,8 +58,11 @@ def count_params(model: nn.Module) -> int:
 
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
                   round_to: int = 1, attention_unit: str | None = None, kind_split: str | float | None = None,
-                  reconstruct: bool | None = None) -> None:
+                  reconstruct: bool | str | None = None) -> None:
     """Validate what can be validated before a model is loaded, so a typo costs no time."""
+    if reconstruct not in (None, True, False, "obs"):
+        raise HywiaError(f"unknown --reconstruct '{reconstruct}': use yes (refit the kept weights), obs (OBS chooses the groups "
+                         "too) or no")
     if attention_unit is not None and attention_unit not in ATTENTION_UNITS:
         raise HywiaError(f"unknown --attention-unit '{attention_unit}': use kv (whole KV groups) or query (query heads, balanced per KV group)")
     if round_to < 1:
@@ -159,7 +162,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
           calib: str | torch.Tensor = "wikitext2", samples: int = 10, seq_len: int = 128, scope: str | None = None,
           target: str = "both", layers: str | None = None, min_keep: int = 1, seed: int = 0,
           data_dir: str | None = None, batch_size: int = 4, round_to: int = 1, attention_unit: str | None = None,
-          compensate: bool | None = None, kind_split: str | float | None = None, reconstruct: bool | None = None,
+          compensate: bool | None = None, kind_split: str | float | None = None, reconstruct: bool | str | None = None,
           reconstruct_samples: int = 128, stats: Stats | None = None, memory: Memory | None = None, **method_options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place and return it with a report.
 
@@ -176,7 +179,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     hywia.split); default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
-    biases when `compensate` is on too; default: the criterion's own (True for slimgpt only). It draws its own
+    biases when `compensate` is on too; default: the criterion's own (True for slimgpt only). "obs" keeps how many
+    groups the criterion's allocation removes from each set but lets Optimal Brain Surgeon errors on the pruned
+    prefix choose which (SlimGPT's selection, `hywia.reconstruct.obs_select`) before the refit. It draws its own
     `reconstruct_samples` windows of `seq_len` from `calib` (seed `seed`): a refit of a layer with more input
     features than calibration tokens would fit noise (SmolLM2's down_proj reads 1,536 features; 10 x 128 tokens
     made the refit model worse than removal alone, 128 x 128 better, docs/reconstruction.md).
@@ -246,7 +251,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     if reconstruct:  # removed in place where the criterion selects during the walk
         walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
         extra["reconstruction_error"] = remove_and_refit(model, sets, removed, walk_ids, batch_size, intercept=compensate,
-                                                         select=criterion.select, device=memory.device)
+                                                         select=criterion.select or (obs_select if reconstruct == "obs" else None),
+                                                         device=memory.device)
     else:
         remove_groups(model, sets, removed, means)
     kept = {f"{s.layer}.{s.kind}": kept_groups(s.count, r) for s, r in zip(sets, removed)}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import torch
 from torch import nn
 
@@ -80,6 +82,49 @@ def output_error(weight: torch.Tensor, hessian: torch.Tensor, new: torch.Tensor,
         b = bias_shift.double()
         error = error - 2 * b @ (d @ total.double()) + count * b @ b
     return error.item()
+
+
+def group_errors(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """E_C of every group: `columns` [groups, size] holds each group's input columns of `weight` [out, in]."""
+    blocks = inverse[columns[:, :, None], columns[:, None, :]]  # [groups, size, size]
+    factor, info = torch.linalg.cholesky_ex(blocks)
+    if info.any():
+        raise HywiaError("a head's block of the inverse calibration Hessian is not positive definite; calibrate on more "
+                         "samples (--samples) or longer windows (--seq-len)")
+    w = weight[:, columns].permute(1, 2, 0)  # [groups, size, out]
+    return torch.linalg.solve_triangular(factor, w, upper=False).square().sum((1, 2))
+
+
+def obs_remove(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> None:
+    """The OBS update that removes `columns` (1-d), in place on `weight` and `inverse` (float64)."""
+    step = torch.linalg.solve(inverse[columns][:, columns], inverse[columns])  # ([H^-1]_CC)^-1 [H^-1]_C,:
+    weight -= weight[:, columns] @ step
+    inverse -= inverse[:, columns] @ step
+
+
+def obs_select(s: LayerGroups, weight: torch.Tensor, hessian: torch.Tensor, count: int, damp: float = PERCDAMP) -> torch.Tensor:
+    """The `count` groups of `s` that batched greedy OBS removes, from its reader's weights and calibration Hessian."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
+    reader = s.reader
+    columns = reader.indices(torch.arange(s.count)).view(s.count, reader.size).to(weight.device)
+    w = weight.double().clone()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened(hessian, damp)))
+    alive = torch.ones(s.count, dtype=torch.bool, device=weight.device)
+    gone: list[int] = []
+    per_block = s.count // s.blocks
+    while len(gone) < count:
+        errors = torch.full((s.count,), math.inf, dtype=torch.float64, device=weight.device)
+        errors[alive] = group_errors(w, inverse, columns[alive])
+        if s.blocks > 1:  # one group from every block per step
+            picked = errors.view(s.blocks, per_block).argmin(1) + per_block * torch.arange(s.blocks, device=weight.device)
+        else:  # heads one at a time; channels half of those still to go at once
+            batch = (count - len(gone) + 1) // 2 if s.kind == "mlp" else 1
+            picked = errors.topk(batch, largest=False).indices
+        obs_remove(w, inverse, columns[picked].flatten())
+        alive[picked] = False
+        gone += picked.tolist()
+    return torch.tensor(sorted(gone), dtype=torch.long)
 
 
 def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor], ids: torch.Tensor,

@@ -17,8 +17,9 @@ H^-1 -= [H^-1]_:,C ([H^-1]_CC)^-1 [H^-1]_C,: . Greedy pruning repeats: score, re
   first layer to the last, r_i = r_first + (r_last - r_first) ln(1 + i) / ln(L), with the mean r over layers:
   r_first = 0 (the first layers feed every later one, their error accumulates most), unless r_last would exceed
   (1 + r) / 2, in which case r_last is that cap and r_first rises to keep the mean.
-The layer walk (each layer on the outputs of the already-pruned ones) and the final weights are hywia.reconstruct's:
-the least-squares refit of the kept columns, which is what the sequence of OBS updates arrives at. Readings chosen
+The OBS errors and greedy selection (`obs_select`), the layer walk (each layer on the outputs of the already-pruned
+ones) and the final weights (the least-squares refit of the kept columns, which is what the sequence of OBS updates
+arrives at) are hywia.reconstruct's, where any criterion can use them (`--reconstruct obs`). Readings chosen
 where the paper leaves room are in docs/reconstruction.md.
 """
 from __future__ import annotations
@@ -27,10 +28,9 @@ import math
 
 import torch
 
-from ..errors import HywiaError
 from ..grouping import LayerGroups
 from ..importance import Criterion, Scores, Stats, register
-from ..reconstruct import PERCDAMP, dampened
+from ..reconstruct import obs_select
 
 
 def incremental_ratios(layers: list[int], ratio: float) -> dict[int, float]:
@@ -50,47 +50,4 @@ def _scores(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
                   layer_ratios=incremental_ratios(sorted({s.layer for s in sets}), float(options["ratio"])))
 
 
-def group_errors(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """E_C of every group: `columns` [groups, size] holds each group's input columns of `weight` [out, in]."""
-    blocks = inverse[columns[:, :, None], columns[:, None, :]]  # [groups, size, size]
-    factor, info = torch.linalg.cholesky_ex(blocks)
-    if info.any():
-        raise HywiaError("a head's block of the inverse calibration Hessian is not positive definite; calibrate on more "
-                         "samples (--samples) or longer windows (--seq-len)")
-    w = weight[:, columns].permute(1, 2, 0)  # [groups, size, out]
-    return torch.linalg.solve_triangular(factor, w, upper=False).square().sum((1, 2))
-
-
-def obs_remove(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> None:
-    """The OBS update that removes `columns` (1-d), in place on `weight` and `inverse` (float64)."""
-    step = torch.linalg.solve(inverse[columns][:, columns], inverse[columns])  # ([H^-1]_CC)^-1 [H^-1]_C,:
-    weight -= weight[:, columns] @ step
-    inverse -= inverse[:, columns] @ step
-
-
-def select(s: LayerGroups, weight: torch.Tensor, hessian: torch.Tensor, count: int, damp: float = PERCDAMP) -> torch.Tensor:
-    """The `count` groups of `s` that batched greedy OBS removes, from its reader's weights and calibration Hessian."""
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long)
-    reader = s.reader
-    columns = reader.indices(torch.arange(s.count)).view(s.count, reader.size).to(weight.device)
-    w = weight.double().clone()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened(hessian, damp)))
-    alive = torch.ones(s.count, dtype=torch.bool, device=weight.device)
-    gone: list[int] = []
-    per_block = s.count // s.blocks
-    while len(gone) < count:
-        errors = torch.full((s.count,), math.inf, dtype=torch.float64, device=weight.device)
-        errors[alive] = group_errors(w, inverse, columns[alive])
-        if s.blocks > 1:  # one group from every block per step
-            picked = errors.view(s.blocks, per_block).argmin(1) + per_block * torch.arange(s.blocks, device=weight.device)
-        else:  # heads one at a time; channels half of those still to go at once
-            batch = (count - len(gone) + 1) // 2 if s.kind == "mlp" else 1
-            picked = errors.topk(batch, largest=False).indices
-        obs_remove(w, inverse, columns[picked].flatten())
-        alive[picked] = False
-        gone += picked.tolist()
-    return torch.tensor(sorted(gone), dtype=torch.long)
-
-
-register("slimgpt", Criterion(_scores, reconstructs=True, select=select, attention_unit="query"))
+register("slimgpt", Criterion(_scores, reconstructs=True, select=obs_select, attention_unit="query"))
