@@ -14,7 +14,9 @@ FLAP's bias compensation (W_K unchanged, b += W_R mean(X_R)) is one feasible poi
 `remove_and_refit` walks the decoder (`hywia.walk`): each layer runs on the outputs of the layers already pruned
 and refit, its output projections' inputs give H, its groups are removed and its readers refit, and the changed
 layer runs again for the next one (SparseGPT's protocol). A method that chooses its groups from H itself (SlimGPT,
-methods/slimgpt.py) passes `select`, which picks, per set, as many groups as the allocation removed there.
+methods/slimgpt.py, and any criterion under `--reconstruct obs`) passes `select`, which picks, per set, as many
+groups as the allocation removed there: `obs_select`, greedy OBS on the same H (errors of whole heads from the
+Cholesky factors of their blocks of H^-1, each removal followed by the OBS update of W and H^-1).
 """
 from __future__ import annotations
 
@@ -127,6 +129,25 @@ def obs_select(s: LayerGroups, weight: torch.Tensor, hessian: torch.Tensor, coun
     return torch.tensor(sorted(gone), dtype=torch.long)
 
 
+def _refit_reader(s: LayerGroups, removed: torch.Tensor, m: Moments, intercept: bool,
+                  damp: float) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Refit, in place, the kept columns of the reader of `s` on its input moments `m` (the removed columns are left
+    for removal to drop); returns its relative output errors, removed alone and refit, and the bias shift if any."""
+    weight = s.reader.module.weight.data
+    h = m.cross.to(weight.device)
+    keep = torch.ones(weight.shape[1], dtype=torch.bool)
+    keep[s.reader.indices(removed)] = False
+    keep = keep.nonzero().flatten()
+    new, shift = refit(weight, h, keep, m.total.to(weight.device) if intercept else None, m.count, damp)
+    dropped, placed = torch.zeros_like(weight, dtype=torch.float64), torch.zeros_like(weight, dtype=torch.float64)
+    dropped[:, keep], placed[:, keep] = weight.double()[:, keep], new
+    scale = max(output_error(weight, h, torch.zeros_like(dropped)), 1e-30)
+    errors = {"removed": output_error(weight, h, dropped) / scale,
+              "refit": output_error(weight, h, placed, shift, m.total, m.count) / scale}
+    weight[:, keep] = new.to(weight.dtype)
+    return errors, shift
+
+
 def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor], ids: torch.Tensor,
                      batch_size: int, intercept: bool, select: Select | None = None, damp: float = PERCDAMP,
                      device: str | torch.device | None = None) -> dict[int, dict[str, dict[str, float]]]:
@@ -154,32 +175,13 @@ def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[to
             return False
         shifts = {}
         for i in members:
-            s = sets[i]
-            m = moments.pop(s.reader.name)
-            module = s.reader.module
-            weight = module.weight.data
-            h = m.cross.to(weight.device)
+            s, m = sets[i], moments.pop(sets[i].reader.name)
             if select is not None:
-                removed[i] = select(s, weight, h, len(removed[i]))
-            if len(removed[i]) == 0:
-                continue  # nothing left this set's inputs: its reader stays as it is
-            gone = s.reader.indices(removed[i])
-            keep = torch.ones(weight.shape[1], dtype=torch.bool)
-            keep[gone] = False
-            keep = keep.nonzero().flatten()
-            total = m.total.to(weight.device) if intercept else None
-            new, shift = refit(weight, h, keep, total, m.count, damp)
-            dropped = torch.zeros_like(weight, dtype=torch.float64)
-            dropped[:, keep] = weight.double()[:, keep]
-            scale = max(output_error(weight, h, torch.zeros_like(dropped)), 1e-30)
-            placed = torch.zeros_like(dropped)
-            placed[:, keep] = new
-            errors.setdefault(index, {})[s.kind] = {
-                "removed": output_error(weight, h, dropped) / scale,
-                "refit": output_error(weight, h, placed, shift, m.total, m.count) / scale}
-            weight[:, keep] = new.to(weight.dtype)
-            if shift is not None:
-                shifts[s.reader.name] = shift
+                removed[i] = select(s, s.reader.module.weight.data, m.cross.to(s.reader.module.weight.device), len(removed[i]))
+            if len(removed[i]):  # a set that loses nothing keeps its reader as it is
+                errors.setdefault(index, {})[s.kind], shift = _refit_reader(s, removed[i], m, intercept, damp)
+                if shift is not None:
+                    shifts[s.reader.name] = shift
         remove_groups(model, [sets[i] for i in members], [removed[i] for i in members], shifts=shifts)
         return True
 
