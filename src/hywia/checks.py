@@ -273,7 +273,7 @@ def check_config(args: argparse.Namespace, config) -> None:
                 from .export import check_exportable
                 scope = CRITERIA[args.method].scope if args.scope is None else args.scope
                 varies = scope != "layer" or bool(args.layers)
-                check_exportable(config.model_type, varies, args.model, heads_pruned=(args.target or "both") != "mlp")
+                check_exportable(config.model_type, varies, args.model, heads_pruned=args.target != "mlp")  # stage 1 filled the default
             if args.layers is not None and layers:
                 parse_layers(args.layers, layers)
         if args.seq_len == UNSTRUCTURED_DEFAULTS["seq_len"] and is_unstructured(args.method) and context:
