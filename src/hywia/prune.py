@@ -2,7 +2,9 @@
 
 `ratio` is the fraction of the *prunable* parameters (the grouped projections of the selected layers) to remove;
 `scope` says over what the budget is shared (hywia.allocate), `kind_split` how it splits between attention and
-MLP (hywia.split). Removal replaces every member Linear by a smaller one, so the result is a dense model.
+MLP (hywia.split). Removal replaces every member Linear by a smaller one (hywia.removal), so the result is a dense
+model; with `reconstruct`, removal happens layer by layer with the weights that read the removed groups refit
+(hywia.reconstruct).
 """
 from __future__ import annotations
 
