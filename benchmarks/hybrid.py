@@ -70,13 +70,18 @@ NAMED = {"+ evidence split": "--method hywia-adaptive"}  # chain rows that a met
 
 
 def reset_peak_rss() -> None:
-    """Linux: start the process's peak resident set (VmHWM) afresh, so the next reading is one configuration's peak."""
-    Path("/proc/self/clear_refs").write_text("5")
+    """Linux: start the process's peak resident set (VmHWM) afresh, so the next reading is one configuration's peak.
+    Elsewhere nothing is reset and `peak_rss_mb` reports the whole process's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mb() -> float:
     """VmHWM since the last reset (Linux); the whole process's peak where that cannot be read."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    status = Path("/proc/self/status")
+    for line in (status.read_text().splitlines() if status.exists() else []):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return _peak_rss_mb()
