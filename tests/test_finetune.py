@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,7 +229,10 @@ def test_cli_distils_on_text_with_a_token_budget(text_dir, tokenizer, tmp_path, 
 # several processes under accelerate launch (issue 20)
 
 def _launch(processes: int, model_dir, data_dir, out, *extra, popen: bool = False):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+    # --multi_gpu is accelerate's torchrun launcher, the one that starts N processes; with no GPU (or --device cpu) they
+    # run on the CPU over gloo. Its --cpu flag starts one process whatever --num_processes says (MPI aside).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
+                "--num_processes", str(processes), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
     command = launcher + ["-m", "hywia.cli", "finetune", "--model", str(model_dir), "--data", "wikitext2", "--data-dir", str(data_dir),
                           "--batch-size", "8", "--micro-batch-size", "2", "--cutoff-len", "24", "--lr", "3e-3", "--warmup-steps", "1",
@@ -238,34 +242,65 @@ def _launch(processes: int, model_dir, data_dir, out, *extra, popen: bool = Fals
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_two_processes_follow_the_single_process_run_and_resume_exactly(text_dir, tokenizer, tmp_path):
-    """accelerate launch --cpu with 2 processes: the same effective batch gives the single-process loss curve (to 1e-5,
-    the order of float sums), and a run SIGKILLed mid-way resumes to the uninterrupted 2-process run's weights."""
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it: torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("shard", [[], ["--fsdp"]], ids=["replicas", "fsdp"])
+def test_two_processes_follow_the_single_process_run_and_resume_exactly(shard, text_dir, tokenizer, tmp_path):
+    """accelerate launch --cpu with 2 processes, each a whole replica or (FSDP) half of the frozen weights of student
+    and teacher: the same effective batch gives the single-process loss curve (to 1e-5, the order of float sums), and
+    a run SIGKILLed mid-way resumes to the uninterrupted 2-process run's weights. The step's 4 micro-batches of 2
+    are dealt 2 and 2; 3 micro-batches (batch 6) leave the second process a zero-weight pass under FSDP."""
     from safetensors.torch import load_file
     dense = save_model(tiny_model(), tokenizer, tmp_path / "dense", {})
     pruned = save_model(prune(tiny_model(), method="l2", ratio=0.3)[0], tokenizer, tmp_path / "pruned", {})
-    kd = ["--teacher", str(dense), "--kd-hidden", "0.5", "--max-steps", "6"]
+    kd = ["--teacher", str(dense), "--kd-hidden", "0.5", *(["--batch-size", "6"] if shard else []), "--max-steps", "6"]
     one = _launch(1, pruned, text_dir, tmp_path / "one", *kd)
-    two = _launch(2, pruned, text_dir, tmp_path / "two", *kd)
+    two = _launch(2, pruned, text_dir, tmp_path / "two", *kd, *shard)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    curve_one, curve_two = (json.loads(r.stdout.strip().splitlines()[-1])["losses"] for r in (one, two))
+    (report_one, report_two) = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    curve_one, curve_two = report_one["losses"], report_two["losses"]
     assert len(two.stdout.strip().splitlines()) == 1  # only the main process prints
+    assert report_two["processes"]["count"] == 2 and report_two["processes"]["fsdp"] == bool(shard)
+    if shard:  # each process held about half of the frozen weights (FSDP pads a shard to an even split)
+        held, frozen = report_two["processes"]["frozen_params_held"], report_two["processes"]["frozen_params"]
+        assert 0.45 * frozen < held < 0.55 * frozen
     assert curve_one == pytest.approx(curve_two, rel=1e-5) and curve_one[-1] < curve_one[0]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
     ckpt = tmp_path / "ckpt"
-    proc = _launch(2, pruned, text_dir, tmp_path / "killed", *kd[:-1], "40", "--save-steps", "1", "--checkpoint-dir", str(ckpt), popen=True)
+    proc = _launch(2, pruned, text_dir, tmp_path / "killed", *kd[:-1], "40", "--save-steps", "1", "--checkpoint-dir", str(ckpt),
+                   *shard, popen=True)
     deadline = time.time() + 300
     while not any(int(p.stem.split("-")[1]) >= 3 for p in ckpt.glob("step-*.pt")) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait()
     step = max(int(p.stem.split("-")[1]) for p in ckpt.glob("step-*.pt"))
     assert 3 <= step < 40 and not (tmp_path / "killed").exists()
-    resumed = _launch(2, pruned, text_dir, tmp_path / "killed", *kd[:-1], "40", "--save-steps", "1", "--checkpoint-dir", str(ckpt), "--resume")
-    whole = _launch(2, pruned, text_dir, tmp_path / "whole", *kd[:-1], "40")
-    assert resumed.returncode == 0 and whole.returncode == 0, (resumed.stderr[-2000:], whole.stderr[-2000:])
+    resumed = _launch(2, pruned, text_dir, tmp_path / "killed", *kd[:-1], "40", "--save-steps", "1", "--checkpoint-dir", str(ckpt),
+                      "--resume", *shard)
+    whole = _launch(2, pruned, text_dir, tmp_path / "whole", *kd[:-1], "40", *shard)
+    assert resumed.returncode == 0 and whole.returncode == 0, (resumed.stderr[-6000:], whole.stderr[-2000:])
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] == step
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -136,6 +136,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                                 ("save-steps", int, 50), ("seed", int, 0), ("groups", int, 1)):
         f.add_argument(f"--{name}", type=kind, default=default)
     f.epilog = "--groups N > 1: SAAP's group fine-tuning, N groups of decoder layers trained one after another (deepest first)"
+    f.add_argument("--fsdp", action="store_true", help="under accelerate launch: split the frozen weights (and the teacher) over the "
+                   "processes instead of one replica each (also on with accelerate launch --use_fsdp)")
     f.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints beside --out)")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     f.add_argument("--out", required=True)
@@ -180,14 +182,14 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_checked(args, name: str | None = None):
+def _load_checked(args, name: str | None = None, device: str | None = None):
     """Stages 2 and 3 of hywia.checks around the load: the config before the weights, the weights before use."""
     from .checks import check_config
     from .finite import check_weights
     from .io import load_model, peek_config
     name = name or args.model
     check_config(args, peek_config(name))
-    model, tokenizer = load_model(name, args.dtype, args.device)
+    model, tokenizer = load_model(name, args.dtype, device or args.device)
     check_weights(model, f"{name} cannot be pruned, trained or evaluated as it is; use a good checkpoint")
     return model, tokenizer
 
@@ -265,22 +267,26 @@ def _finetune(args) -> dict:
     from .figures import plot_curve, plot_losses
     from .finetune import FinetuneSettings, check_recovery, finetune, merge, remove_checkpoints
     from .io import load_model, save_model, stored_dtype
+    from .shard import fsdp_requested
 
     out = Path(args.out).expanduser()
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
     checkpoints = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # accelerate launch: one GPU per process
-    model, tokenizer = _load_checked(args)
-    teacher = _load_checked(args, args.teacher)[0] if args.teacher else None
+    fsdp = fsdp_requested(args.fsdp)
+    load_on = "cpu" if fsdp else args.device  # sharded: each process moves only its part onto the device
+    model, tokenizer = _load_checked(args, device=load_on)
+    teacher = _load_checked(args, args.teacher, load_on)[0] if args.teacher else None
     source_recipe = Path(args.model) / "hywia.json"
     previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
     peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir,
-                                  teacher=teacher, teacher_name=args.teacher)
+                                  teacher=teacher, teacher_name=args.teacher, fsdp=fsdp, device=args.device)
     if not _is_main_process():  # under accelerate launch the main process merges, checks and saves
         return {"model": args.model, "out": str(out), **report.as_dict()}
-    stored = stored_dtype(args.model)
-    base = load_model(args.model, stored, args.device)[0] if stored and stored != report.compute_dtype else None
+    stored = stored_dtype(args.model) or report.compute_dtype
+    reload = fsdp or stored != report.compute_dtype  # sharded weights are merged into a whole copy read from disk
+    base = load_model(args.model, stored, "cpu" if fsdp else args.device)[0] if reload else None
     with tempfile.TemporaryDirectory() as adapter_dir:
         if settings.train == "lora":
             peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in

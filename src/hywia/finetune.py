@@ -14,7 +14,8 @@ process group and places each on its device), the micro-batches of every step ar
 turn, and one all-reduce sums their gradients and losses before every process takes the same optimizer step. As the
 micro-batches and their masks are those one process would have run, the run is the single-process run up to the
 order of floating-point sums, whatever the number of processes; only the main process writes checkpoints and the
-model. Each process holds a whole replica (FSDP sharding is not wired in).
+model. Each process holds a whole replica, unless `fsdp` (hywia.shard) splits the frozen weights (and the teacher)
+over the processes; the loop is the same, with every process taking as many forward passes as the busiest one.
 
 Precision: the frozen base runs in the model's dtype and the LoRA weights stay float32 (PEFT's default), so
 bfloat16 compute is safe; on the development CPU its forward pass is 2.3x faster but its backward pass slower
@@ -63,6 +64,7 @@ from .errors import HywiaError, Interrupted
 from .evaluate import window_nll
 from .finite import check_number
 from .options import RANGES, check_values
+from .shard import check_fsdp, passes, shard
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                      "Write a response that appropriately completes the request.\n\n"
@@ -113,6 +115,7 @@ class FinetuneReport:
     tokens: int = 0  # predicted tokens trained on, over the whole run (resumed part included)
     teacher: str | None = None
     curve: list[dict] = field(default_factory=list)  # with eval_every: {"step", "tokens", "ppl"} on held-out text
+    processes: dict = field(default_factory=dict)  # how many ran the loop, and with fsdp what each held of the weights
     guard_loss: Callable | None = field(default=None, repr=False)  # the training objective, for the guard; kept out of JSON
 
     def as_dict(self) -> dict:
@@ -380,16 +383,23 @@ def _latest_checkpoint(directory: Path) -> Path | None:
 
 def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings = FinetuneSettings(),
              checkpoint_dir: str | Path | None = None, resume: bool = False, data_dir: str | None = None,
-             stop_after: int | None = None, teacher: nn.Module | None = None, teacher_name: str | None = None):
+             stop_after: int | None = None, teacher: nn.Module | None = None, teacher_name: str | None = None,
+             fsdp: bool = False, device: str | None = None):
     """LoRA-train `model`; returns (peft_model, report). Checkpoints go to `checkpoint_dir` every `save_steps`.
 
     `teacher` (the dense model `model` was pruned from) turns the loss into distillation (hywia.distill);
     `teacher_name` is recorded so a resume with another teacher is refused.
     `stop_after` ends the run after that many steps of this call as if it were killed (for tests and budgets).
+    `fsdp` shards the frozen weights of `model` and `teacher` over the processes `accelerate launch` started and puts
+    each process's part on `device` (default: where `model` is; hywia.shard).
     """
     start_time = time.perf_counter()
-    processes = PartialState()  # one process, or those `accelerate launch` started
+    device = str(device or next(model.parameters()).device)
+    # one process, or those the launcher started (gloo between CPU processes: accelerate reads that from `cpu` only)
+    processes = PartialState(cpu=torch.device(device).type == "cpu")
     check_values(**{name: value for name, value in asdict(settings).items() if name in RANGES})
+    if fsdp:
+        check_fsdp(processes, settings.train)
     if settings.tokens is not None and settings.max_steps is not None:
         raise HywiaError("--tokens and --max-steps both set the run's length: give one of them")
     if teacher is not None:
@@ -429,11 +439,16 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     if not 1 <= settings.groups <= min(n_layers, total):
         raise HywiaError(f"--groups {settings.groups} must be between 1 and the number of decoder layers ({n_layers}) and of steps ({total})")
 
+    torch.manual_seed(settings.seed)
+    peft_model = trainable_model(model, settings)  # LoRA starts at zero: the model computes what it did before
+    sharding = None
+    if fsdp:
+        sharding = shard(peft_model, device)
+        if teacher is not None:
+            shard(teacher, device)
     guarded = guard_examples(examples, settings.seed)
     guard = {"records": len(guarded), "objective": "distillation" if teacher is not None else "nll",
-             "before": mean_loss(model, guarded, pad_id, settings.micro_batch_size, loss_of)}
-    torch.manual_seed(settings.seed)
-    peft_model = trainable_model(model, settings)
+             "before": mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)}
     lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}  # what is trained (LoRA or more)
     optimizer = torch.optim.AdamW(list(lora.values()), lr=settings.lr, weight_decay=0.0)
     warmup = min(settings.warmup_steps, max(1, total // 10))
@@ -457,7 +472,7 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     curve = list(state["curve"]) if latest is not None else []
 
     def measure() -> None:
-        if heldout is not None and processes.is_main_process and not (curve and curve[-1]["step"] == step):
+        if heldout is not None and (fsdp or processes.is_main_process) and not (curve and curve[-1]["step"] == step):
             curve.append({"step": step, "tokens": tokens_seen, "ppl": heldout_ppl(peft_model, heldout, settings.micro_batch_size)})
 
     if step == 0:
@@ -478,11 +493,11 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
             n_tokens = sum(len(e) - 1 for e in batch)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for j, m in enumerate(range(0, len(batch), settings.micro_batch_size)):
-                if j % processes.num_processes != processes.process_index:
-                    continue  # another process's micro-batch
+            micro_batches = math.ceil(len(batch) / settings.micro_batch_size)
+            for j, counts in passes(micro_batches, processes, fsdp):  # this process's share of the step
                 torch.manual_seed(_micro_batch_seed(settings.seed, step, j))  # its dropout masks, whichever process runs it
-                summed = loss_of(peft_model, batch[m:m + settings.micro_batch_size])
+                m = j * settings.micro_batch_size
+                summed = loss_of(peft_model, batch[m:m + settings.micro_batch_size]) * counts
                 (summed / n_tokens).backward()  # token-weighted mean over the whole effective batch
                 step_loss += summed.item() / n_tokens
             step_loss = _sum_over_processes(processes, lora, step_loss)
@@ -515,9 +530,12 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     for p in lora.values():
         p.requires_grad_(True)
     peft_model.eval()
+    if fsdp:  # a sharded model (and teacher) runs only with every process: the guard's second reading is taken here
+        guard["after"] = mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)
     report = FinetuneReport(asdict(settings), {"source": source, "records": len(records)}, step, resumed_from, losses,
                             time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard, guarded,
-                            tokens=tokens_seen, teacher=teacher_name, curve=curve, guard_loss=loss_of)
+                            tokens=tokens_seen, teacher=teacher_name, curve=curve, guard_loss=loss_of,
+                            processes={"count": processes.num_processes, "fsdp": fsdp, **(sharding or {})})
     return peft_model, report
 
 
@@ -547,9 +565,12 @@ def merge(peft_model, base=None, settings: FinetuneSettings | None = None):
 
 
 def check_recovery(merged, tokenizer, report: FinetuneReport) -> None:
-    """Measure the merged model on the guard records and refuse a recovery that made them worse (or non-finite)."""
+    """Measure the merged model on the guard records and refuse a recovery that made them worse (or non-finite).
+    Under FSDP the trained model was measured by every process before the merge (the teacher is sharded)."""
     micro_batch_size = report.settings["micro_batch_size"]
-    after = mean_loss(merged, report.guard_examples, pad_id_of(tokenizer), micro_batch_size, report.guard_loss)
+    after = report.guard.get("after")
+    if after is None:
+        after = mean_loss(merged, report.guard_examples, pad_id_of(tokenizer), micro_batch_size, report.guard_loss)
     report.guard["after"] = after
     if not math.isfinite(after) or after > report.guard["before"]:
         raise HywiaError(f"recovery made the model worse on {report.guard['records']} of its own training records "
