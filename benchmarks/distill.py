@@ -10,6 +10,9 @@ the data dir's C4 sample) and the same budget of predicted tokens:
 - `kd`: LoRA trained to the dense teacher's next-token distributions (KL, temperature 1);
 - `kd+hidden`: the same plus the residual-stream loss after every layer (weight `--kd-hidden`).
 
+A mode may also name what is trained and its learning rate, `OBJECTIVE[/TRAIN][@LR]`: `lora/norms+lora` (LoRA and
+every normalisation weight), `lora/full@5e-5` (every weight, at a learning rate of its own; `--lr` is LoRA's).
+
 Quality is WikiText-2 *validation* perplexity (the held-out choice corpus, first `--max-windows` windows of 128
 tokens): what a default is chosen on. The test split is for the final tables only. One JSON line per run is
 appended to benchmarks/results/distill.jsonl.
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from hywia.bench import _hywia, machine
+from table1 import slug
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,18 +54,22 @@ if __name__ == "__main__":
                    "--data-dir", args.data_dir, "--out", pruned)
             rows = [("dense", args.model, None), ("pruned", pruned, None)]
             for mode in args.modes.split(","):
-                rows.append((mode, str(Path(tmp) / f"{mode}-{seed}"), mode))
+                rows.append((mode, str(Path(tmp) / f"{slug(mode)}-{seed}"), mode))
             for name, model, mode in rows:
-                done = {}
+                done, lr, train, objective = {}, args.lr, "lora", mode
                 if mode is not None:
-                    extra = ["--teacher", args.model] if mode.startswith("kd") else []
-                    extra += ["--kd-hidden", args.kd_hidden] if mode == "kd+hidden" else []
+                    mode, _, lr = mode.partition("@")
+                    objective, _, train = mode.partition("/")
+                    lr, train = lr or args.lr, train or "lora"
+                    extra = ["--teacher", args.model] if objective.startswith("kd") else []
+                    extra += ["--kd-hidden", args.kd_hidden] if objective == "kd+hidden" else []
                     done = _hywia("finetune", "--model", pruned, "--data", "c4", "--data-dir", args.data_dir, "--tokens", str(args.tokens),
                                   "--batch-size", str(args.batch_size), "--micro-batch-size", "4", "--cutoff-len", str(args.cutoff_len),
-                                  "--lr", args.lr, "--seed", seed, "--out", model, *extra)
+                                  "--lr", lr, "--train", train, "--seed", seed, "--out", model, *extra)
                 record = {"name": name, "method": args.method, "ratio": args.ratio, "seed": seed, "tokens": done.get("tokens", 0),
-                          "steps": done.get("steps", 0), "seconds": done.get("seconds", 0.0), "lr": args.lr,
-                          "batch": args.batch_size, "cutoff_len": args.cutoff_len, "kd_hidden": args.kd_hidden if mode == "kd+hidden" else None,
+                          "steps": done.get("steps", 0), "seconds": done.get("seconds", 0.0), "lr": lr, "train": train,
+                          "batch": args.batch_size, "cutoff_len": args.cutoff_len,
+                          "kd_hidden": args.kd_hidden if objective == "kd+hidden" else None,
                           "validation_ppl": validation_ppl(model), "max_windows": args.max_windows, "machine": machine()}
                 f.write(json.dumps(record) + "\n")
                 f.flush()

@@ -104,8 +104,11 @@ def table1_long(records: list[dict]) -> str:
     lines = ["| model | WikiText-2 (128) | PTB (128) | WikiText-2 (2048) | PTB (2048) | recovery | eval s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["ratio"], r["recovered"], -r["average"])):
         a, b = r["ppl_128"], r["ppl_2048"]
-        tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} records, {r['finetune_seconds'] / 60:.0f} min; "
-                f"guard loss {r['guard']['before']:.3f} → {r['guard']['after']:.3f}") if r["recovered"] else "-"
+        tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} records"
+                + (f", {r['finetune_tokens']:,} tokens" if r.get("finetune_tokens") else "")
+                + f", {r['finetune_seconds'] / 60:.0f} min"
+                + (f", peak {r['finetune_peak_rss_mb'] / 1024:.1f} GB" if r.get("finetune_peak_rss_mb") else "")
+                + f"; guard loss {r['guard']['before']:.3f} → {r['guard']['after']:.3f}") if r["recovered"] else "-"
         lines.append(f"| {r['name']} | {a['wikitext2']['ppl']:.2f} | {a['ptb']['ppl']:.2f} | {b['wikitext2']['ppl']:.2f} | "
                      f"{b['ptb']['ppl']:.2f} | {tune} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines)
@@ -203,6 +206,29 @@ def reconstruction_table(records: list[dict]) -> str:
     return hybrid_table([r for r in records if r["config"] in RECONSTRUCTION_ROWS and (r["model"], r["ratio"]) in new])
 
 
+def structure_table(structured: list[dict], unstructured: list[dict]) -> str:
+    """What structure costs (issue 22): Table 1's structured rows beside SparseGPT at the same fraction of the decoder's
+    weights removed, same machine and evaluation; `kept` counts the weights a model still has (nonzero ones for
+    SparseGPT: its zeros stay stored as zeros)."""
+    dense = next(r for r in structured if r["method"] == "dense")
+    prunable = {"smollm2-135m": 99_532_800}  # the decoder's linear weights (hywia.json's prunable_before)
+    lines = ["| model | removed | kept weights | WikiText-2 (128) | PTB (128) | WikiText-2 (2048) | PTB (2048) | average | "
+             "WikiText-2 (128) / SparseGPT's |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [(0.0, dense["params"], dense)]
+    for r in unstructured:
+        model = json.loads(r["key"])["model"]
+        rows.append((float(r["level"]), round(dense["params"] - r["achieved_sparsity"] * prunable[model]), r))
+    rows += [(r["ratio"], r["params"], r) for r in structured if r["ratio"] in {x for x, _, _ in rows[1:]} and not r["recovered"]]
+    sparsegpt = {level: r["ppl_128"]["wikitext2"]["ppl"] for level, _, r in rows if r["method"] == "sparsegpt"}
+    for level, kept, r in sorted(rows, key=lambda x: (x[0], x[2]["ppl_128"]["wikitext2"]["ppl"])):
+        a, b = r["ppl_128"], r["ppl_2048"]
+        ratio = f"{a['wikitext2']['ppl'] / sparsegpt[level]:.2f}" if level in sparsegpt else "-"
+        average = f"{100 * r['average']:.2f}" if r.get("average") is not None else "-"
+        lines.append(f"| {r['name']} | {level:.0%} | {kept:,} | {a['wikitext2']['ppl']:.2f} | {a['ptb']['ppl']:.2f} | "
+                     f"{b['wikitext2']['ppl']:.2f} | {b['ptb']['ppl']:.2f} | {average} | {ratio} |")
+    return "\n".join(lines)
+
+
 def quantized_table(records: list[dict]) -> str:
     """benchmarks/sparsity.py --wbits rows (perplexity only) beside the same machine's float rows and dense row."""
     floats = {(r["method"], r["level"]): r for r in records if not r.get("wbits")}
@@ -270,6 +296,10 @@ if __name__ == "__main__":
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
     ]
+    unstructured = load("sparsity_structure.jsonl")
+    if unstructured:
+        print("\n## What structure costs: structured rows beside SparseGPT at the same fraction removed (SmolLM2-135M, CPU)\n")
+        print(structure_table([r for r in rows if json.loads(r["key"])["model"] == "smollm2-135m"], unstructured))
     seeds = load("sparsity_seeds.jsonl")
     if seeds:
         print("\n## Mixed sparsity over SparseGPT, per calibration seed\n")

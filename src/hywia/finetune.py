@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -116,6 +117,8 @@ class FinetuneReport:
     teacher: str | None = None
     curve: list[dict] = field(default_factory=list)  # with eval_every: {"step", "tokens", "ppl"} on held-out text
     processes: dict = field(default_factory=dict)  # how many ran the loop, and with fsdp what each held of the weights
+    peak_rss_mb: float = 0.0  # the (main) process's peak resident memory, loading included
+    peak_device_mb: float | None = None  # on a GPU: the most memory torch held there
     guard_loss: Callable | None = field(default=None, repr=False)  # the training objective, for the guard; kept out of JSON
 
     def as_dict(self) -> dict:
@@ -535,7 +538,9 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     report = FinetuneReport(asdict(settings), {"source": source, "records": len(records)}, step, resumed_from, losses,
                             time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard, guarded,
                             tokens=tokens_seen, teacher=teacher_name, curve=curve, guard_loss=loss_of,
-                            processes={"count": processes.num_processes, "fsdp": fsdp, **(sharding or {})})
+                            processes={"count": processes.num_processes, "fsdp": fsdp, **(sharding or {})},
+                            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            peak_device_mb=torch.cuda.max_memory_allocated(torch.device(device)) / 2**20 if torch.device(device).type == "cuda" else None)
     return peft_model, report
 
 
