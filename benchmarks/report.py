@@ -107,6 +107,7 @@ def table1_long(records: list[dict]) -> str:
         tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} records"
                 + (f", {r['finetune_tokens']:,} tokens" if r.get("finetune_tokens") else "")
                 + f", {r['finetune_seconds'] / 60:.0f} min"
+                + (f" (after a resume at step {r['finetune_resumed_from']})" if r.get("finetune_resumed_from") else "")
                 + (f", peak {r['finetune_peak_rss_mb'] / 1024:.1f} GB" if r.get("finetune_peak_rss_mb") else "")
                 + f"; guard loss {r['guard']['before']:.3f} → {r['guard']['after']:.3f}") if r["recovered"] else "-"
         lines.append(f"| {r['name']} | {a['wikitext2']['ppl']:.2f} | {a['ptb']['ppl']:.2f} | {b['wikitext2']['ppl']:.2f} | "
@@ -297,6 +298,9 @@ if __name__ == "__main__":
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
     ]
     unstructured = load("sparsity_structure.jsonl")
+    covered = {r["level"] for r in unstructured}  # other levels: the lent GPU's SparseGPT rows (its dense agrees to 0.02)
+    unstructured += [{**r, "name": f"{r['name']} (GPU run)"} for r in load("sparsity.jsonl")
+                     if r["method"] == "sparsegpt" and r["level"] in ("0.2", "0.5") and r["level"] not in covered]
     if unstructured:
         print("\n## What structure costs: structured rows beside SparseGPT at the same fraction removed (SmolLM2-135M, CPU)\n")
         print(structure_table([r for r in rows if json.loads(r["key"])["model"] == "smollm2-135m"], unstructured))

@@ -161,7 +161,8 @@ def main() -> None:
             "name": f"{method} {ratio:.0%} + {label}", "method": method, "ratio": ratio, "recovered": True, "mode": mode,
             "finetune_seconds": tune["seconds"], "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"],
             "finetune_tokens": tune.get("tokens"), "guard": tune.get("guard"), "groups": tune["settings"].get("groups", 1),
-            "finetune_peak_rss_mb": tune.get("peak_rss_mb"), "finetune_processes": tune.get("processes")})
+            "finetune_peak_rss_mb": tune.get("peak_rss_mb"), "finetune_processes": tune.get("processes"),
+            "finetune_resumed_from": tune.get("resumed_from")})  # seconds and peak memory are the last process's
 
     attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "ratio": 0.0, "recovered": False})
     methods = [m for m in args.methods.split(",") if m]
