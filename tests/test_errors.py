@@ -218,6 +218,7 @@ CASES = {
     "finetune tokens and max-steps": (F + ["--tokens", "100"], "--tokens and --max-steps both set the run's length"),
     "finetune fsdp in one process": (F + ["--fsdp"], "--fsdp shards the weights over the processes accelerate starts"),
     "finetune fsdp trains everything": (F + ["--fsdp", "--train", "full"], "--fsdp shards the frozen weights, and --train full freezes none"),
+    "finetune fsdp on a device map": (F + ["--fsdp", "--device", "auto"], "--fsdp puts each process's part of the weights on one device"),
     "finetune temperature 0": (F + ["--kd-temperature", "0"], "--kd-temperature 0.0 is out of range"),
     "finetune teacher missing": (F + ["--teacher", "/no/such/teacher"], "cannot load model '/no/such/teacher': not found"),
     "finetune teacher of another shape": (F + ["--teacher", "{world}/two_layers"], "the teacher's num_hidden_layers is 2"),

@@ -281,7 +281,7 @@ def _finetune(args) -> dict:
     source_recipe = Path(args.model) / "hywia.json"
     previous = json.loads(source_recipe.read_text()) if source_recipe.is_file() else {}
     peft_model, report = finetune(model, tokenizer, args.data, settings, checkpoints, args.resume, args.data_dir,
-                                  teacher=teacher, teacher_name=args.teacher, fsdp=fsdp, device=args.device)
+                                  teacher=teacher, teacher_name=args.teacher, fsdp=fsdp, device=args.device if fsdp else None)
     if not _is_main_process():  # under accelerate launch the main process merges, checks and saves
         return {"model": args.model, "out": str(out), **report.as_dict()}
     stored = stored_dtype(args.model) or report.compute_dtype

@@ -398,11 +398,14 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     """
     start_time = time.perf_counter()
     device = str(device or next(model.parameters()).device)
+    if fsdp:
+        check_fsdp(settings.train, device)
     # one process, or those the launcher started (gloo between CPU processes: accelerate reads that from `cpu` only)
     processes = PartialState(cpu=torch.device(device).type == "cpu")
+    if fsdp and not processes.use_distributed:
+        raise HywiaError("--fsdp shards the weights over the processes accelerate starts: run it as `accelerate launch "
+                         "--multi_gpu --num_processes N $(which hywia) finetune ... --fsdp` (on CPUs too: accelerate's --cpu starts one process)")
     check_values(**{name: value for name, value in asdict(settings).items() if name in RANGES})
-    if fsdp:
-        check_fsdp(processes, settings.train)
     if settings.tokens is not None and settings.max_steps is not None:
         raise HywiaError("--tokens and --max-steps both set the run's length: give one of them")
     if teacher is not None:

@@ -27,13 +27,14 @@ def fsdp_requested(flag: bool) -> bool:
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
-def check_fsdp(processes, train: str) -> None:
+def check_fsdp(train: str, device: str) -> None:
+    """What sharding cannot do, refused before training starts."""
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise HywiaError(f"--fsdp puts each process's part of the weights on one device: use --device cpu or cuda, not "
+                         f"{device} (a device map spreads one process's whole model instead)")
     if train == "full":
         raise HywiaError("--fsdp shards the frozen weights, and --train full freezes none: use --train lora or "
                          "norms+lora with --fsdp, or drop --fsdp")
-    if not processes.use_distributed:
-        raise HywiaError("--fsdp shards the weights over the processes accelerate starts: run it as `accelerate launch "
-                         "--multi_gpu --num_processes N $(which hywia) finetune ... --fsdp` (on CPUs too: accelerate's --cpu starts one process)")
 
 
 def shard(model: nn.Module, device: str) -> dict[str, int]:
