@@ -30,6 +30,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="hywia-adaptive")
+    parser.add_argument("--reconstruct", default="no", help="the pruned model's --reconstruct (no: as the 2026-12-02 rows were made)")
     parser.add_argument("--ratio", default="0.2")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--tokens", type=int, default=20480)
@@ -50,7 +51,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp, args.results.open("a") as f:
         for seed in args.seeds.split(","):
             pruned = str(Path(tmp) / f"pruned-{seed}")
-            _hywia("prune", "--model", args.model, "--method", args.method, "--ratio", args.ratio, "--seed", seed,
+            _hywia("prune", "--model", args.model, "--method", args.method, "--reconstruct", args.reconstruct, "--ratio", args.ratio, "--seed", seed,
                    "--data-dir", args.data_dir, "--out", pruned)
             rows = [("dense", args.model, None), ("pruned", pruned, None)]
             for mode in args.modes.split(","):

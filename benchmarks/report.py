@@ -186,7 +186,7 @@ def hybrid_table(records: list[dict]) -> str:
             seconds = f"{statistics.mean([r['prune_seconds'] for r in rows]):.0f}" + (" (with statistics)" if unshared else "")
             # PAIRED names the issue-22 rows' pairs; "+" adds to the row above, "-" takes from hywia-adaptive (the row above
             # it), "... as hywia-adaptive" is its control
-            adaptive = next(name for name, flag in NAMED.items() if flag == "--method hywia-adaptive")
+            adaptive = next(name for name, flag in NAMED.items() if flag == "--method hywia-adaptive --reconstruct no")
             chained = PAIRED.get(config) or (chain[chain.index(config) - 1] if config.startswith(("+", "-")) else
                                              adaptive if config.endswith("as hywia-adaptive") else None)
             name = f"{config} (= {NAMED[config]})" if config in NAMED else config

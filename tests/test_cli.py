@@ -127,3 +127,29 @@ def test_recipe_rebuilds_the_same_model_and_the_card_explains_it(model_dir, text
     assert f"{recipe['params_before']:,} → {recipe['params_after']:,}" in card
     code, _, err = run(capsys, "prune", "--recipe", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"))
     assert code == 2 and "--recipe" in err and "not found" in err
+
+
+def test_recipe_pins_the_defaults_it_ran_with(model_dir, text_dir, tmp_path, capsys):
+    """A recipe records what each method default resolved to, and one recorded before a default changed (options left
+    None) replays with what its run resolved: hywia-adaptive's --reconstruct was off before 2026-12-03."""
+    from safetensors.torch import load_file
+    flags = ["--model", str(model_dir), "--ratio", "0.3", "--samples", "3", "--seq-len", "32", "--data-dir", str(text_dir)]
+    old = tmp_path / "old"
+    code, _, err = run(capsys, "prune", *flags, "--reconstruct", "no", "--out", str(old))
+    assert code == 0, err
+    recipe = json.loads((old / "hywia.json").read_text())
+    assert {k: recipe["options"][k] for k in ("reconstruct", "compensate", "scope", "attention_unit", "kind_split")} == \
+        {"reconstruct": "no", "compensate": "yes", "scope": "global", "attention_unit": "query", "kind_split": "evidence"}
+    for name in ("reconstruct", "compensate", "scope", "attention_unit", "kind_split"):  # as recipes were written before
+        recipe["options"][name] = None
+    (old / "hywia.json").write_text(json.dumps(recipe))
+    again = tmp_path / "again"
+    code, _, err = run(capsys, "prune", "--recipe", str(old / "hywia.json"), "--out", str(again))
+    assert code == 0, err
+    assert json.loads((again / "hywia.json").read_text())["extra"]["reconstruct"] is False
+    a, b = load_file(old / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    default = json.loads((old / "hywia.json").read_text())  # and the default today is obs, which a fresh run records
+    code, _, err = run(capsys, "prune", *flags, "--out", str(tmp_path / "new"))
+    assert code == 0 and json.loads((tmp_path / "new" / "hywia.json").read_text())["options"]["reconstruct"] == "obs"
+    assert default["options"]["reconstruct"] is None

@@ -67,18 +67,25 @@ def test_compensation_is_available_to_every_criterion(calib_ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_hywia_adaptive_defaults_to_query_heads_compensation_global_scope_and_evidence_split(family, calib_ids):
+def test_hywia_adaptive_defaults_to_query_heads_compensation_global_scope_evidence_split_and_obs(family, calib_ids):
     dense = tiny_model(family)
-    pruned, report = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    chosen, report = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, reconstruct=False)
     extra = report.extra
     assert (report.scope, extra["attention_unit"], extra["compensate"], extra["kind_split"]) == ("global", "query", True, "evidence")
     assert set(report.scores["alpha"]) == {f"{layer}.{kind}" for layer in range(3) for kind in ("query", "mlp")}
     assert len({len(report.kept[f"{layer}.mlp"]) for layer in range(3)}) > 1  # per-layer ratios: layers differ
     reference = mean_substituted_reference(dense, report.kept, calib_ids, "query")
-    assert (logits(pruned) - logits(reference)).abs().max().item() < 1e-4
+    assert (logits(chosen) - logits(reference)).abs().max().item() < 1e-4
     same, again = prune(copy.deepcopy(dense), method="hywia", ratio=0.3, calib=calib_ids, fusion="evidence", attention_unit="query",
                         compensate=True, scope="global", kind_split="evidence")
-    assert again.kept == report.kept and torch.equal(logits(same), logits(pruned))  # exactly those five options of hywia
+    assert again.kept == report.kept and torch.equal(logits(same), logits(chosen))  # exactly those five options of hywia
+    # the default adds --reconstruct obs: the same number of groups leaves each set, OBS picks which, the readers are refit
+    default, obs = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    assert obs.extra["reconstruct"] == "obs" and obs.kept.keys() == report.kept.keys()
+    assert all(len(obs.kept[k]) == len(report.kept[k]) for k in report.kept)
+    explicit, _ = prune(copy.deepcopy(dense), method="hywia", ratio=0.3, calib=calib_ids, fusion="evidence", attention_unit="query",
+                        compensate=True, scope="global", kind_split="evidence", reconstruct="obs")
+    assert torch.equal(logits(explicit), logits(default))
 
 
 def test_hywia_adaptive_uses_kv_groups_where_every_head_has_its_own(calib_ids):

@@ -86,7 +86,7 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", default=None, choices=("yes", "obs", "no"), help="refit the weights that read removed groups "
                    "(o_proj, down_proj) by least squares on calibration inputs, layer by layer (with --compensate yes: "
                    "jointly with their biases); obs: also let OBS errors choose which groups of each layer go, the method "
-                   "still deciding how many (default: yes for slimgpt, no for the others)")
+                   "still deciding how many (default: obs for hywia-adaptive, yes for slimgpt, no for the others)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -212,13 +212,27 @@ def _recipe_defaults(argv: list[str]) -> dict:
         return {}  # argparse itself says the value is missing
     path = Path(argv[index + 1]).expanduser()
     try:
-        options = json.loads(path.read_text())["options"]
+        recorded = json.loads(path.read_text())
+        options = recorded["options"]
     except FileNotFoundError:
         raise HywiaError(f"--recipe {path} not found: give the hywia.json of a model hywia pruned") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise HywiaError(f"--recipe {path} is not a hywia.json with recorded options (models pruned before recipes were "
                          "recorded have none): give the hywia.json of a model this hywia pruned") from None
-    return {k: v for k, v in options.items() if k not in NOT_RECIPE}
+    return {k: v for k, v in pinned(options, recorded).items() if k not in NOT_RECIPE}
+
+
+def pinned(options: dict, recorded: dict) -> dict:
+    """`options` with every method default it left open (None) replaced by the value the run resolved it to, read
+    from the run's record (hywia.json): a recipe then replays the same model after a default changes (hywia-adaptive
+    gained --reconstruct obs on 2026-12-03; a recipe recorded before that still replays without it)."""
+    extra = recorded.get("extra") or {}
+    as_flag = {True: "yes", False: "no"}
+    resolved = {"scope": recorded.get("scope"), "attention_unit": extra.get("attention_unit"),
+                "kind_split": extra.get("kind_split"), "compensate": as_flag.get(extra.get("compensate")),
+                "reconstruct": as_flag.get(extra.get("reconstruct"), extra.get("reconstruct"))}
+    return {**options, **{k: v if isinstance(v, str) or v is None else str(v) for k, v in resolved.items()
+                          if options.get(k) is None and v is not None}}
 
 
 def _prune(args) -> dict:
@@ -253,7 +267,8 @@ def _prune(args) -> dict:
                 figures(tmp)
             export_gguf(model, tmp / f"model.{args.gguf}.gguf", args.gguf, source=args.model)
     options = {k: v for k, v in vars(args).items() if k not in NOT_RECIPE}
-    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds, "options": options}
+    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
+    recipe["options"] = pinned(options, recipe) if not is_unstructured(args.method) else options
     save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)
     return {**recipe, "out": str(args.out)}
 

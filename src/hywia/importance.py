@@ -136,7 +136,7 @@ class Criterion:
     moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
     `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
     output projection on a second, disjoint draw of calibration windows (evidence for choosing among scorings).
-    `reconstructs` makes `--reconstruct` the method's default (hywia.reconstruct); `select(set, W, H, n)` picks the
+    `reconstructs` is the method's default `--reconstruct` (True or "obs", hywia.reconstruct); `select(set, W, H, n)` picks the
     n groups of a set to remove from its reader's weights W and calibration Hessian H during that walk, on the
     outputs of the layers already pruned (SlimGPT): the scores then only size each set's removal."""
 
@@ -152,7 +152,7 @@ class Criterion:
     kind_split: str = "ratio"  # the default --kind-split (hywia.split)
     per_sample: Callable[[list[LayerGroups], dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None
     heldout: Callable[[dict], bool] | None = None
-    reconstructs: bool = False
+    reconstructs: bool | str = False  # the default --reconstruct: True (refit) or "obs" (OBS chooses too)
     select: Callable[[LayerGroups, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
     @property

@@ -181,7 +181,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     hywia.split); default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
-    biases when `compensate` is on too; default: the criterion's own (True for slimgpt only). "obs" keeps how many
+    biases when `compensate` is on too; default: the criterion's own ("obs" for hywia-adaptive, True for slimgpt, off for the others). "obs" keeps how many
     groups the criterion's allocation removes from each set but lets Optimal Brain Surgeon errors on the pruned
     prefix choose which (SlimGPT's selection, `hywia.reconstruct.obs_select`) before the refit. It draws its own
     `reconstruct_samples` windows of `seq_len` from `calib` (seed `seed`): a refit of a layer with more input
