@@ -61,6 +61,8 @@ CONFIGS = {
     "- compensation + reconstruction": {"method": "hywia-adaptive", "compensate": False, "reconstruct": True},  # refit replaces it
     # hywia-adaptive's allocation (how many groups each set loses), OBS errors on the pruned prefix choosing which
     "hywia-adaptive + obs selection": {"method": "hywia-adaptive", "reconstruct": "obs"},
+    # the attention/MLP split weighed on candidates refit one-shot, as the walk will build the model (hywia.split)
+    "+ refit-weighed split": {"method": "hywia-adaptive", "reconstruct": "obs", "kind_split": "evidence-refit"},
 }
 # the row each issue-22 row is paired with (the others: "+"/"-" with the row before them in CONFIGS)
 PAIRED = {"element2 + reconstruction": "element2", "hywia-adaptive + reconstruction": "+ evidence split",

@@ -197,7 +197,8 @@ def hybrid_table(records: list[dict]) -> str:
 
 
 RECONSTRUCTION_ROWS = ("element2", "flap (layer scope)", "+ evidence split", "- compensation", "slimgpt", "element2 + reconstruction",
-                       "hywia-adaptive + reconstruction", "- compensation + reconstruction", "hywia-adaptive + obs selection")
+                       "hywia-adaptive + reconstruction", "- compensation + reconstruction", "hywia-adaptive + obs selection",
+                       "+ refit-weighed split")
 
 
 def reconstruction_table(records: list[dict]) -> str:

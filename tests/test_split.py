@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, prune
@@ -45,11 +46,39 @@ def test_evidence_split_picks_the_candidate_whose_pruned_model_has_the_lowest_he
         assert heldout_loss(candidate, calib_ids, 4) == pytest.approx(loss, abs=1e-5)
 
 
+@pytest.mark.parametrize("family, compensate, reconstruct", [("llama", True, "obs"), ("gemma3_text", False, True)])
+def test_evidence_refit_weighs_each_split_as_the_reconstruction_builds_it(family, compensate, reconstruct, calib_ids):
+    """With one decoder layer the walk's refit is the one-shot refit the evidence split weighs candidates by (both
+    read the dense layer's inputs), so every candidate's recorded loss is the held-out loss of the model a prune with
+    that fixed split builds -- and the readers are left as they were between candidates."""
+    dense = tiny_model(family, layers=1)
+    before = {n: p.clone() for n, p in dense.state_dict().items()}
+    model = copy.deepcopy(dense)
+    pruned, report = prune(model, method="hywia-adaptive", ratio=0.3, calib=calib_ids, compensate=compensate,
+                           reconstruct=reconstruct, kind_split="evidence-refit")
+    evidence = report.extra["kind_split_evidence"]
+    losses, chosen = evidence["heldout_loss"], evidence["attention_share"]
+    assert evidence["candidates"] == "refit"
+    assert chosen == min(losses, key=lambda share: (losses[share], abs(share - 0.3)))  # ties go to the plain ratio
+    assert len(losses) >= 3 and len(set(losses.values())) > 1
+    assert heldout_loss(pruned, calib_ids, 4) == pytest.approx(losses[chosen], abs=1e-4)
+    for share, loss in losses.items():
+        candidate, _ = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids,
+                             compensate=compensate, kind_split=share, reconstruct=reconstruct)
+        assert heldout_loss(candidate, calib_ids, 4) == pytest.approx(loss, abs=1e-4)
+    masked_run = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, compensate=compensate,
+                       reconstruct=reconstruct)[1].extra["kind_split_evidence"]  # the default "evidence": masked
+    assert masked_run["candidates"] == "masked" and masked_run["heldout_loss"] != losses  # removal alone weighs otherwise
+    assert all(torch.equal(p, before[n]) for n, p in dense.state_dict().items())
+
+
 def test_split_options_are_refused_with_the_fix(calib_ids):
     with pytest.raises(HywiaError, match="unknown --kind-split 'most'"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split="most")
     with pytest.raises(HywiaError, match="out of range"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split=1.5)
+    with pytest.raises(HywiaError, match="add --reconstruct obs"):
+        prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, scope="global", kind_split="evidence-refit")
     with pytest.raises(HywiaError, match="does not apply to --scope joint"):
         prune(tiny_model(), method="flap", ratio=0.3, calib=calib_ids, kind_split="evidence")
     with pytest.raises(HywiaError, match="more attention|impossible|fewer than"):

@@ -79,7 +79,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--attention-unit", default=None, help="kv: remove whole KV groups (the default, except hywia-adaptive's query); query: remove query heads, "
                    "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
     p.add_argument("--kind-split", default=None, help="how the budget splits between attention and MLP: ratio (the same fraction "
-                   "of each), evidence (the split with the lowest held-out calibration loss) or the fraction of attention to remove "
+                   "of each), evidence (the split with the lowest held-out calibration loss), evidence-refit (the same, each candidate "
+                   "refit as --reconstruct will build it) or the fraction of attention to remove "
                    "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")

@@ -23,9 +23,9 @@ from .finite import check_tensor, check_weights
 from .options import check_values
 from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
-from .reconstruct import obs_select, remove_and_refit
+from .reconstruct import obs_select, reader_moments, refitted, remove_and_refit
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
-from .split import attention_kind, check_split, choose_attention_share
+from .split import SPLITS, attention_kind, check_split, choose_attention_share
 
 
 @dataclass
@@ -74,6 +74,9 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
         raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
     check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
+    if kind_split == "evidence-refit" and not (criterion.reconstructs if reconstruct is None else reconstruct):
+        raise HywiaError("--kind-split evidence-refit weighs candidates as reconstruction builds them: add --reconstruct obs "
+                         "(or yes), or use --kind-split evidence")
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
 
@@ -178,7 +181,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     choice, True for flap only); any criterion can use it, the means cost one forward pass.
     `kind_split` splits the budget between attention and MLP: "ratio" (the same fraction of each), a number (the
     fraction of attention removed), or "evidence" (the candidate with the lowest held-out calibration loss,
-    hywia.split); default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
+    hywia.split, each candidate's groups removed and nothing refit), "evidence-refit" (with `reconstruct`: each
+    candidate refit one-shot on the reconstruction draw, `hywia.reconstruct.refitted`, as the walk will build it);
+    default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
     biases when `compensate` is on too; default: the criterion's own ("obs" for hywia-adaptive, True for slimgpt, off for the others). "obs" keeps how many
@@ -226,7 +231,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
     moments = criterion.heldout is not None and criterion.heldout(method_options)
-    split_by_evidence = kind_split == "evidence" and attention_kind(sets) is not None
+    split_by_evidence = kind_split in ("evidence", "evidence-refit") and attention_kind(sets) is not None
     if moments or split_by_evidence:
         heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
         calib_record["heldout_seed"] = seed + HELDOUT_SEED
@@ -240,10 +245,18 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
                    "reconstruct": reconstruct, "kind_split": kind_split, "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
-    share = None if kind_split in ("ratio", "evidence") else float(kind_split)
+    share = None if kind_split in SPLITS else float(kind_split)
+    select = criterion.select or (obs_select if reconstruct == "obs" else None)
+    walk_ids = None
+    if reconstruct:
+        walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
     if split_by_evidence:
-        share, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size)
-        extra["kind_split_evidence"] = {"attention_share": share, "heldout_loss": losses}
+        candidate, weighed = None, "masked"
+        if kind_split == "evidence-refit":  # weigh each candidate as the walk will build it: refit, one-shot
+            inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
+            candidate, weighed = (lambda gone: refitted(sets, gone, inputs, compensate, select)), "refit"
+        share, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size, candidate)
+        extra["kind_split_evidence"] = {"attention_share": share, "heldout_loss": losses, "candidates": weighed}
     removed = round_kept(sets, scores.per_set, allocation(share), round_to)
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
@@ -251,10 +264,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep, share)
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     if reconstruct:  # removed in place where the criterion selects during the walk
-        walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
         extra["reconstruction_error"] = remove_and_refit(model, sets, removed, walk_ids, batch_size, intercept=compensate,
-                                                         select=criterion.select or (obs_select if reconstruct == "obs" else None),
-                                                         device=memory.device)
+                                                         select=select, device=memory.device)
     else:
         remove_groups(model, sets, removed, means)
     kept = {f"{s.layer}.{s.kind}": kept_groups(s.count, r) for s, r in zip(sets, removed)}

@@ -20,7 +20,8 @@ Cholesky factors of their blocks of H^-1, each removal followed by the OBS updat
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import math
 
@@ -129,15 +130,75 @@ def obs_select(s: LayerGroups, weight: torch.Tensor, hessian: torch.Tensor, coun
     return torch.tensor(sorted(gone), dtype=torch.long)
 
 
+def accumulate(m: Moments, x: torch.Tensor) -> None:
+    """Add inputs `x` [..., in] to `m`: X X^T per batch in float32 (as SparseGPT accumulates it; float64 would triple
+    the walk's time), summed in float64, with the inputs' sum and count for the intercept."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    m.count += len(x)
+    m.total = m.total + x.sum(0).double()
+    m.cross = m.cross + (x.T @ x).double()
+
+
+def reader_moments(model: nn.Module, sets: list[LayerGroups], ids: torch.Tensor, batch_size: int,
+                   device: str | torch.device | None = None) -> dict[str, Moments]:
+    """The dense model's inputs of every reader of `sets` on `ids`, accumulated as the walk accumulates them."""
+    moments = {s.reader.name: Moments() for s in sets}
+    walk_layers(model, ids, set(moments), lambda name, x: accumulate(moments[name], x), batch_size=batch_size,
+                device=device, desc="reader inputs")
+    return moments
+
+
+def kept_columns(s: LayerGroups, removed: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the reader's input columns that survive removing `removed` from `s`."""
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[s.reader.indices(removed)] = False
+    return keep.nonzero().flatten()
+
+
+@contextmanager
+def refitted(sets: list[LayerGroups], removed: list[torch.Tensor], moments: dict[str, Moments], intercept: bool,
+             select: Select | None = None, damp: float = PERCDAMP) -> Iterator[None]:
+    """Within the block, the model computes as if `removed` were gone and every reader refit (after `select`, if
+    given, re-chose as many groups per set) on `moments`, the dense model's inputs of each reader: the one-shot
+    reconstruction of all layers at once. The evidence split (hywia.split) weighs its candidates this way when the
+    prune reconstructs, because which share of attention is cheapest to lose depends on whether the readers are refit
+    (an o_proj refit absorbs much of a removed head). It is not the sequential walk, which would cost one walk per
+    candidate. The readers' weights are restored on exit."""
+    saved: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for s, gone in zip(sets, removed):
+            if not len(gone):
+                continue
+            module, m = s.reader.module, moments[s.reader.name]
+            weight = module.weight.data
+            saved.setdefault(s.reader.name, weight.clone())
+            h = m.cross.to(weight.device)
+            if select is not None:
+                gone = select(s, weight, h, len(gone))
+            keep = kept_columns(s, gone, weight.shape[1])
+            new, shift = refit(weight, h, keep, m.total.to(weight.device) if intercept else None, m.count, damp)
+            weight.zero_()
+            weight[:, keep] = new.to(weight.dtype)
+            if shift is not None:
+                handles.append(module.register_forward_hook(
+                    lambda mod, args, out, shift=shift.to(weight.dtype): out + shift.to(out.device, out.dtype)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for s in sets:
+            if s.reader.name in saved:
+                s.reader.module.weight.data.copy_(saved.pop(s.reader.name))
+
+
 def _refit_reader(s: LayerGroups, removed: torch.Tensor, m: Moments, intercept: bool,
                   damp: float) -> tuple[dict[str, float], torch.Tensor | None]:
     """Refit, in place, the kept columns of the reader of `s` on its input moments `m` (the removed columns are left
     for removal to drop); returns its relative output errors, removed alone and refit, and the bias shift if any."""
     weight = s.reader.module.weight.data
     h = m.cross.to(weight.device)
-    keep = torch.ones(weight.shape[1], dtype=torch.bool)
-    keep[s.reader.indices(removed)] = False
-    keep = keep.nonzero().flatten()
+    keep = kept_columns(s, removed, weight.shape[1])
     new, shift = refit(weight, h, keep, m.total.to(weight.device) if intercept else None, m.count, damp)
     dropped, placed = torch.zeros_like(weight, dtype=torch.float64), torch.zeros_like(weight, dtype=torch.float64)
     dropped[:, keep], placed[:, keep] = weight.double()[:, keep], new
@@ -159,15 +220,7 @@ def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[to
         by_layer.setdefault(s.layer, []).append(i)
     moments = {s.reader.name: Moments() for s in sets}
     errors: dict[int, dict[str, dict[str, float]]] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        """X X^T per batch in float32 (as SparseGPT accumulates it; float64 would triple the walk's time), summed in
-        float64, with the inputs' sum and count for the intercept."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        m = moments[name]
-        m.count += len(x)
-        m.total = m.total + x.sum(0).double()
-        m.cross = m.cross + (x.T @ x).double()
+    observe = lambda name, x: accumulate(moments[name], x)  # noqa: E731
 
     def after(index: int, layer: nn.Module) -> bool:
         members = by_layer.get(index, [])

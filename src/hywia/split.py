@@ -14,7 +14,7 @@ the held-out windows per candidate, no copy of the model, and the test split is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .finite import check_number
 from .grouping import LayerGroups
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
-SPLITS = ("ratio", "evidence")
+SPLITS = ("ratio", "evidence", "evidence-refit")
 
 
 def check_split(kind_split: str | float, scope: str) -> None:
@@ -32,7 +32,7 @@ def check_split(kind_split: str | float, scope: str) -> None:
         try:
             kind_split = float(kind_split)
         except ValueError:
-            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, or the fraction of attention "
+            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, evidence-refit, or the fraction of attention "
                              "parameters to remove (e.g. 0.1)") from None
     if not isinstance(kind_split, str) and not 0 <= float(kind_split) < 1:
         raise HywiaError(f"--kind-split {kind_split} is out of range: give the fraction of attention parameters to remove, 0 <= x < 1")
@@ -83,16 +83,20 @@ def heldout_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
 
 def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], model: nn.Module, sets: list[LayerGroups],
                            ratio: float, ids: torch.Tensor, means: dict[str, torch.Tensor] | None,
-                           batch_size: int) -> tuple[float, dict[float, float]]:
+                           batch_size: int, candidate: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None
+                           ) -> tuple[float, dict[float, float]]:
     """The candidate attention share whose allocation (`allocate(share)` -> removed groups per set) leaves the
-    lowest held-out loss, and every feasible candidate's loss. Candidates the floors make impossible are skipped."""
+    lowest held-out loss, and every feasible candidate's loss. Candidates the floors make impossible are skipped.
+    `candidate(removed)` is the context in which the model computes as that candidate would (default: `masked`, the
+    groups removed and nothing else changed; a reconstructing prune passes `hywia.reconstruct.refitted`)."""
+    candidate = candidate or (lambda removed: masked(sets, removed, means))
     losses: dict[float, float] = {}
     for share in sorted({round(m * ratio, 6) for m in MULTIPLES}):
         try:
             removed = allocate(share)
         except HywiaError:  # more attention than the floors allow, or an MLP that would have to empty a layer
             continue
-        with masked(sets, removed, means):
+        with candidate(removed):
             losses[share] = check_number(heldout_loss(model, ids, batch_size), f"--kind-split evidence: the held-out loss "
                                          f"with {share:g} of attention removed", "the model computes NaN or inf on calibration "
                                          "text; check its weights, or prune in --dtype float32")
