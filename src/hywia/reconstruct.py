@@ -160,8 +160,8 @@ def refitted(sets: list[LayerGroups], removed: list[torch.Tensor], moments: dict
              select: Select | None = None, damp: float = PERCDAMP) -> Iterator[None]:
     """Within the block, the model computes as if `removed` were gone and every reader refit (after `select`, if
     given, re-chose as many groups per set) on `moments`, the dense model's inputs of each reader: the one-shot
-    reconstruction of all layers at once. The evidence split (hywia.split) weighs its candidates this way when the
-    prune reconstructs, because which share of attention is cheapest to lose depends on whether the readers are refit
+    reconstruction of all layers at once. The evidence split (hywia.split) weighs its candidates this way under
+    `--kind-split evidence-refit`, because which share of attention is cheapest to lose depends on whether the readers are refit
     (an o_proj refit absorbs much of a removed head). It is not the sequential walk, which would cost one walk per
     candidate. The readers' weights are restored on exit."""
     saved: dict[str, torch.Tensor] = {}
