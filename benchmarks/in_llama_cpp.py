@@ -10,11 +10,13 @@ perplexity reference), then measures with llama-cpp-python (llama.cpp built from
 - perplexity: WikiText-2 test, the first `--windows` windows of 128 tokens (LLM-Pruner's protocol, as
   `hywia eval ppl --max-windows`), each window scored on its own from llama.cpp's logits, beside transformers'
   float32 perplexity on the same windows;
-- speed: prefill tokens/s of a 128-token prompt and decode tokens/s of 64 tokens (one at a time), batch 1,
-  `--threads` threads (the machine's cores), median of `--repeats` after a warm-up; the speedup over dense against
-  the ideal 1 / (1 - fraction of parameters removed).
+- speed: prefill tokens/s of a 128-token prompt and decode tokens/s of `--new-tokens` tokens (one at a time),
+  batch 1, `--threads` threads (the machine's cores), median of `--repeats` after a warm-up; the speedup over dense
+  against the ideal 1 / (1 - fraction of parameters removed).
 
-Rows go to benchmarks/results/llama_cpp.jsonl; `--pause-group` SIGSTOPs another process group while timing.
+Rows go to benchmarks/results/llama_cpp.jsonl, each with the run's start time (`run`), and
+`python benchmarks/report.py` prints the latest run's tables; `--pause-group` SIGSTOPs another process group while
+timing, so a quiet machine is only needed for the seconds of the timings.
 """
 from __future__ import annotations
 
@@ -88,13 +90,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--windows", type=int, default=100)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens per timed run")
     parser.add_argument("--types", default="f16,q8_0,q4_0")
     parser.add_argument("--work", type=Path, default=Path("runs") / "llama_cpp")
     parser.add_argument("--pause-group", type=int, default=None)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "llama_cpp.jsonl")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     from hywia.data import consecutive_windows, load_text, tokenize
     from hywia.io import load_model
@@ -115,7 +119,8 @@ def main() -> None:
         params = _hywia("eval", "ppl", "--model", folder, "--data", "wikitext2", "--max-windows", str(args.windows),
                         "--data-dir", args.data_dir)
         row = {"name": name, "params": params["params"], "transformers_ppl": params["ppl"]["wikitext2"]["ppl"],
-               "windows": args.windows, "threads": args.threads, "machine": machine()}
+               "windows": args.windows, "threads": args.threads, "machine": machine(), "run": run,
+               "prompt_tokens": len(prompt), "new_tokens": args.new_tokens}
         for kind in ["f32", *args.types.split(",")]:
             path = args.work / f"{Path(folder).name}.{kind}.gguf"
             if not path.is_file():
@@ -125,7 +130,7 @@ def main() -> None:
             row[f"{kind}_ppl"] = llama_ppl(path, windows, args.threads)
             if kind != "f32":
                 with paused(args.pause_group):
-                    row[f"{kind}_speed"] = llama_speed(path, args.threads, prompt, 64, args.repeats)
+                    row[f"{kind}_speed"] = llama_speed(path, args.threads, prompt, args.new_tokens, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
     dense = rows[0]

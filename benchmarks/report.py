@@ -198,7 +198,7 @@ def hybrid_table(records: list[dict]) -> str:
 
 RECONSTRUCTION_ROWS = ("element2", "flap (layer scope)", "+ evidence split", "- compensation", "slimgpt", "element2 + reconstruction",
                        "hywia-adaptive + reconstruction", "- compensation + reconstruction", "hywia-adaptive + obs selection",
-                       "+ refit-weighed split")
+                       "+ refit-weighed split", "+ both splits built")
 
 
 def reconstruction_table(records: list[dict]) -> str:
@@ -279,6 +279,46 @@ def defaults_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def llama_cpp_tables(records: list[dict]) -> str:
+    """The latest run of benchmarks/in_llama_cpp.py: perplexity beside transformers', then speed against the ideal.
+
+    Decode time per token is also fitted, per type, as a + b × file size over the run's models (size, not parameters:
+    a width that is not a multiple of the block keeps its matrix in f16): `a` is the part of a token's time that
+    pruning widths cannot remove (the same graph of norms, rotations, softmax and thread barriers
+    in every layer), which caps the speedup below the ideal that counts parameters alone."""
+    run = records[-1].get("run")
+    rows = [r for r in records if r.get("run") == run]
+    types = [k[: -len("_speed")] for k in rows[0] if k.endswith("_speed")]
+    lines = ["| model | llama.cpp architecture | params | ideal speedup | transformers f32 | llama.cpp f32 | "
+             + " | ".join(types) + " | " + " / ".join(types) + " MiB |",
+             "|---|---|---|---|---|---|" + "---|" * (len(types) + 1)]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['ideal_speedup']:.2f}× | {r['transformers_ppl']:.2f} | "
+                     f"{r['f32_ppl']:.2f} | " + " | ".join(f"{r[f'{t}_ppl']:.2f}" for t in types) + " | "
+                     + " / ".join(f"{r[f'{t}_mib']:.0f}" for t in types) + " |")
+    lines += ["", "| model | type | prefill tok/s | decode tok/s | prefill speedup | decode speedup | decode / ideal |",
+              "|---|---|---|---|---|---|---|"]
+    for t in types:
+        for r in rows:
+            s = r[f"{t}_speed"]
+            lines.append(f"| {r['name']} | {t} | {s['prefill_tps']:.0f} | {s['decode_tps']:.1f} | {s['prefill_speedup']:.2f}× | "
+                         f"{s['decode_speedup']:.2f}× | {s['decode_vs_ideal']:.2f} |")
+    lines += ["", "| type | ms/token not removed by pruning (a) | ms per MiB of file (b) | r² | a / dense's ms/token | "
+              "fitted decode / ideal at half the size |", "|---|---|---|---|---|---|"]
+    for t in types:
+        mib = [r[f"{t}_mib"] for r in rows]
+        ms = [1000 / r[f"{t}_speed"]["decode_tps"] for r in rows]
+        b = statistics.covariance(mib, ms) / statistics.variance(mib)
+        a = statistics.mean(ms) - b * statistics.mean(mib)
+        dense = a + b * mib[0]
+        ceiling = dense / (a + b * mib[0] / 2) / 2  # the fitted speedup at half the file, over the ideal 2×
+        lines.append(f"| {t} | {a:.2f} | {b:.4f} | {statistics.correlation(mib, ms) ** 2:.2f} | {a / dense:.0%} | {ceiling:.2f} |")
+    head = rows[0]
+    return "\n".join(lines) + (f"\n\nRun {run}: {head['windows']} windows, {head['threads']} threads, "
+                               f"{head.get('new_tokens', 64)} decoded tokens after a {head.get('prompt_tokens', 128)}-token prompt, "
+                               f"{head['machine']}.")
+
+
 if __name__ == "__main__":
     rows = load("table1.jsonl")
     for model in dict.fromkeys(json.loads(r["key"])["model"] for r in rows):  # one table per model, first measured first
@@ -297,6 +337,7 @@ if __name__ == "__main__":
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
+        ("llama_cpp.jsonl", "In llama.cpp (issue 21)", llama_cpp_tables),
     ]
     unstructured = load("sparsity_structure.jsonl")
     covered = {r["level"] for r in unstructured}  # other levels: the lent GPU's SparseGPT rows (its dense agrees to 0.02)

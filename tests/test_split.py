@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import byte_tokenizer, tiny_model
 from hywia import HywiaError, prune
 from hywia.split import heldout_loss
 
@@ -72,11 +72,41 @@ def test_evidence_refit_weighs_each_split_as_the_reconstruction_builds_it(family
     assert all(torch.equal(p, before[n]) for n, p in dense.state_dict().items())
 
 
+
+@pytest.mark.parametrize("family, seed, ratio, winner", [("llama", 0, 0.5, "refit"), ("gemma3_text", 4, 0.3, "masked")])
+def test_evidence_best_builds_both_screens_and_keeps_the_lower_heldout_loss(family, seed, ratio, winner, calib_ids, tmp_path):
+    """Where the masked and the refit screen choose different shares, both are built by the walk (the masked one on a
+    copy) and the model that comes back, in place, is the one with the lower held-out loss: the same weights as a
+    prune with that share fixed, whether it was built in place (refit wins) or on the copy (masked wins), and it
+    saves and reloads as any pruned model does."""
+    from hywia.io import load_model, save_model
+    dense = tiny_model(family, seed=seed)
+    model = copy.deepcopy(dense)
+    pruned, report = prune(model, method="hywia-adaptive", ratio=ratio, calib=calib_ids, kind_split="evidence-best")
+    evidence = report.extra["kind_split_evidence"]
+    screened = {name: screen["attention_share"] for name, screen in evidence["screened"].items()}
+    built, kept = evidence["heldout_loss"], evidence["attention_share"]
+    assert evidence["candidates"] == "masked+refit" and screened["masked"] != screened["refit"]
+    assert set(built) == set(screened.values()) and kept == min(built, key=built.get) == screened[winner]
+    assert pruned is model and heldout_loss(model, calib_ids, 4) == pytest.approx(built[kept], abs=1e-6)
+    for share, loss in built.items():
+        fixed, _ = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=ratio, calib=calib_ids, kind_split=share)
+        assert heldout_loss(fixed, calib_ids, 4) == pytest.approx(loss, abs=1e-5)
+        if share == kept:
+            assert fixed.state_dict().keys() == model.state_dict().keys()
+            assert all(torch.equal(p, model.state_dict()[n]) for n, p in fixed.state_dict().items())
+    save_model(model, byte_tokenizer(), tmp_path / "best", {"model": "tiny"})
+    again, _ = load_model(str(tmp_path / "best"))
+    assert torch.equal(again(calib_ids).logits, model(calib_ids).logits)
+
+
 def test_split_options_are_refused_with_the_fix(calib_ids):
     with pytest.raises(HywiaError, match="unknown --kind-split 'most'"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split="most")
     with pytest.raises(HywiaError, match="out of range"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split=1.5)
+    with pytest.raises(HywiaError, match="evidence-best weighs candidates as reconstruction builds them: add --reconstruct obs"):
+        prune(tiny_model(), method="hywia-adaptive", ratio=0.3, calib=calib_ids, reconstruct=False, kind_split="evidence-best")
     with pytest.raises(HywiaError, match="add --reconstruct obs"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, scope="global", kind_split="evidence-refit")
     with pytest.raises(HywiaError, match="does not apply to --scope joint"):

@@ -80,7 +80,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
     p.add_argument("--kind-split", default=None, help="how the budget splits between attention and MLP: ratio (the same fraction "
                    "of each), evidence (the split with the lowest held-out calibration loss), evidence-refit (the same, each candidate "
-                   "refit as --reconstruct will build it) or the fraction of attention to remove "
+                   "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and the lower "
+                   "held-out loss kept: one more reconstruction walk, the model held twice) or the fraction of attention to remove "
                    "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")

@@ -8,8 +8,10 @@ model; with `reconstruct`, removal happens layer by layer with the weights that 
 """
 from __future__ import annotations
 
+import copy
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,7 +27,7 @@ from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
 from .reconstruct import obs_select, reader_moments, refitted, remove_and_refit
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
-from .split import SPLITS, attention_kind, check_split, choose_attention_share
+from .split import SPLITS, attention_kind, check_split, choose_attention_share, heldout_loss
 
 
 @dataclass
@@ -74,8 +76,8 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
         raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
     check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
-    if kind_split == "evidence-refit" and not (criterion.reconstructs if reconstruct is None else reconstruct):
-        raise HywiaError("--kind-split evidence-refit weighs candidates as reconstruction builds them: add --reconstruct obs "
+    if kind_split in ("evidence-refit", "evidence-best") and not (criterion.reconstructs if reconstruct is None else reconstruct):
+        raise HywiaError(f"--kind-split {kind_split} weighs candidates as reconstruction builds them: add --reconstruct obs "
                          "(or yes), or use --kind-split evidence")
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
@@ -182,7 +184,9 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     `kind_split` splits the budget between attention and MLP: "ratio" (the same fraction of each), a number (the
     fraction of attention removed), or "evidence" (the candidate with the lowest held-out calibration loss,
     hywia.split, each candidate's groups removed and nothing refit), "evidence-refit" (with `reconstruct`: each
-    candidate refit one-shot on the reconstruction draw, `hywia.reconstruct.refitted`, as the walk will build it);
+    candidate refit one-shot on the reconstruction draw, `hywia.reconstruct.refitted`, as the walk will build it),
+    "evidence-best" (with `reconstruct`: both screens; where they disagree, both shares are built by the walk, the
+    first on a copy of the dense model, so it holds the model twice, and the lower held-out loss is kept);
     default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
@@ -231,7 +235,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
     moments = criterion.heldout is not None and criterion.heldout(method_options)
-    split_by_evidence = kind_split in ("evidence", "evidence-refit") and attention_kind(sets) is not None
+    split_by_evidence = kind_split in ("evidence", "evidence-refit", "evidence-best") and attention_kind(sets) is not None
     if moments or split_by_evidence:
         heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
         calib_record["heldout_seed"] = seed + HELDOUT_SEED
@@ -250,24 +254,55 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     walk_ids = None
     if reconstruct:
         walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
+
+    def build(pruned: nn.Module, share: float | None) -> list[torch.Tensor]:
+        """Remove the allocation of `share` from `pruned` (the model, or a copy of it while it is still dense)."""
+        own = sets if pruned is model else find_groups(pruned, target, layers, attention_unit)
+        removed = round_kept(own, scores.per_set, allocation(share), round_to)
+        if reconstruct:  # removed in place where the criterion selects during the walk
+            extra["reconstruction_error"] = remove_and_refit(pruned, own, removed, walk_ids, batch_size, intercept=compensate,
+                                                             select=select, device=memory.device)
+        else:
+            remove_groups(pruned, own, removed, means)
+        return removed
+
+    before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
+    shares = [share]
     if split_by_evidence:
-        candidate, weighed = None, "masked"
-        if kind_split == "evidence-refit":  # weigh each candidate as the walk will build it: refit, one-shot
+        screens: dict[str, Callable | None] = {}
+        if kind_split in ("evidence", "evidence-best"):
+            screens["masked"] = None
+        if kind_split in ("evidence-refit", "evidence-best"):  # weigh each candidate as the walk will build it: refit, one-shot
             inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
-            candidate, weighed = (lambda gone: refitted(sets, gone, inputs, compensate, select)), "refit"
-        share, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size, candidate)
-        extra["kind_split_evidence"] = {"attention_share": share, "heldout_loss": losses, "candidates": weighed}
-    removed = round_kept(sets, scores.per_set, allocation(share), round_to)
+            screens["refit"] = lambda gone: refitted(sets, gone, inputs, compensate, select)
+        screened = {}
+        for weighed, candidate in screens.items():
+            chosen, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size, candidate)
+            screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+        shares = list(dict.fromkeys(s["attention_share"] for s in screened.values()))
+        extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
+        if len(screened) > 1:
+            extra["kind_split_evidence"]["screened"] = screened
+    if len(shares) == 2:  # evidence-best, the screens disagree: build both, keep the lower held-out loss
+        built = {}
+        twin = copy.deepcopy(model)
+        twin_removed, twin_errors = build(twin, shares[0]), extra.get("reconstruction_error")
+        built[shares[0]] = heldout_loss(twin, stats.heldout_ids, batch_size)
+        removed = build(model, shares[1])
+        built[shares[1]] = heldout_loss(model, stats.heldout_ids, batch_size)
+        share = min(shares, key=lambda candidate: (built[candidate], shares.index(candidate)))
+        if share == shares[0]:  # the copy wins: it becomes the model (modules, config, everything a module holds)
+            model.__dict__.update(twin.__dict__)
+            removed, extra["reconstruction_error"] = twin_removed, twin_errors
+        del twin
+        extra["kind_split_evidence"].update(attention_share=share, heldout_loss=built)
+    else:
+        share = shares[0]
+        removed = build(model, share)
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
         extra["kept_params_by_score"] = compare_allocations(sets, scores.details, ratio, min_keep, share)
-    before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
-    if reconstruct:  # removed in place where the criterion selects during the walk
-        extra["reconstruction_error"] = remove_and_refit(model, sets, removed, walk_ids, batch_size, intercept=compensate,
-                                                         select=select, device=memory.device)
-    else:
-        remove_groups(model, sets, removed, means)
     kept = {f"{s.layer}.{s.kind}": kept_groups(s.count, r) for s, r in zip(sets, removed)}
     after_sets = find_groups(model, target, layers, attention_unit)
     prunable_after = sum(s.count * s.params_per_group for s in after_sets)

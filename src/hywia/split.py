@@ -24,7 +24,7 @@ from .finite import check_number
 from .grouping import LayerGroups
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
-SPLITS = ("ratio", "evidence", "evidence-refit")
+SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
 
 
 def check_split(kind_split: str | float, scope: str) -> None:
@@ -32,7 +32,7 @@ def check_split(kind_split: str | float, scope: str) -> None:
         try:
             kind_split = float(kind_split)
         except ValueError:
-            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, evidence-refit, or the fraction of attention "
+            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, evidence-refit, evidence-best, or the fraction of attention "
                              "parameters to remove (e.g. 0.1)") from None
     if not isinstance(kind_split, str) and not 0 <= float(kind_split) < 1:
         raise HywiaError(f"--kind-split {kind_split} is out of range: give the fraction of attention parameters to remove, 0 <= x < 1")
