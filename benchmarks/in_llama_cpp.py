@@ -66,10 +66,14 @@ def llama_ppl(path: Path, windows: np.ndarray, threads: int) -> float:
 
 
 def llama_speed(path: Path, threads: int, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """Tokens/s by the wall clock around llama-cpp-python's calls (what a Python user gets) and by llama.cpp's own
+    timers (`llama_perf_context`: the time inside llama_decode, what llama-bench reports), medians over `repeats`."""
+    import llama_cpp
     llm = llama(path, threads)
-    prefill, decode = [], []
+    runs: dict[str, list[float]] = {"prefill_tps": [], "decode_tps": [], "prefill_tps_runtime": [], "decode_tps_runtime": []}
     for r in range(repeats + 1):  # the first is a warm-up
         llm.reset()
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
@@ -78,10 +82,13 @@ def llama_speed(path: Path, threads: int, prompt: list[int], new_tokens: int, re
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         t2 = time.perf_counter()
+        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
         if r:
-            prefill.append(len(prompt) / (t1 - t0))
-            decode.append(new_tokens / (t2 - t1))
-    return {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode)}
+            runs["prefill_tps"].append(len(prompt) / (t1 - t0))
+            runs["decode_tps"].append(new_tokens / (t2 - t1))
+            runs["prefill_tps_runtime"].append(1000 * perf.n_p_eval / perf.t_p_eval_ms)
+            runs["decode_tps_runtime"].append(1000 * perf.n_eval / perf.t_eval_ms)
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main() -> None:
@@ -139,9 +146,10 @@ def main() -> None:
             row["ideal_speedup"] = dense["params"] / row["params"]
             for kind in args.types.split(","):
                 s = row[f"{kind}_speed"]
-                s["prefill_speedup"] = s["prefill_tps"] / dense[f"{kind}_speed"]["prefill_tps"]
-                s["decode_speedup"] = s["decode_tps"] / dense[f"{kind}_speed"]["decode_tps"]
-                s["decode_vs_ideal"] = s["decode_speedup"] / row["ideal_speedup"]
+                for clock in ("", "_runtime"):
+                    s[f"prefill_speedup{clock}"] = s[f"prefill_tps{clock}"] / dense[f"{kind}_speed"][f"prefill_tps{clock}"]
+                    s[f"decode_speedup{clock}"] = s[f"decode_tps{clock}"] / dense[f"{kind}_speed"][f"decode_tps{clock}"]
+                    s[f"decode_vs_ideal{clock}"] = s[f"decode_speedup{clock}"] / row["ideal_speedup"]
             f.write(json.dumps(row) + "\n")
     for row in rows:
         print(row["name"], row.get("arch"), f"ppl transformers {row['transformers_ppl']:.2f}",

@@ -282,7 +282,7 @@ def defaults_table(records: list[dict]) -> str:
 def llama_cpp_tables(records: list[dict]) -> str:
     """The latest run of benchmarks/in_llama_cpp.py: perplexity beside transformers', then speed against the ideal.
 
-    Decode time per token is also fitted, per type, as a + b × file size over the run's models (size, not parameters:
+    Decode time per token (llama.cpp's own timer where the run has it) is also fitted, per type, as a + b × file size over the run's models (size, not parameters:
     a width that is not a multiple of the block keeps its matrix in f16): `a` is the part of a token's time that
     pruning widths cannot remove (the same graph of norms, rotations, softmax and thread barriers
     in every layer), which caps the speedup below the ideal that counts parameters alone."""
@@ -296,18 +296,22 @@ def llama_cpp_tables(records: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['ideal_speedup']:.2f}× | {r['transformers_ppl']:.2f} | "
                      f"{r['f32_ppl']:.2f} | " + " | ".join(f"{r[f'{t}_ppl']:.2f}" for t in types) + " | "
                      + " / ".join(f"{r[f'{t}_mib']:.0f}" for t in types) + " |")
-    lines += ["", "| model | type | prefill tok/s | decode tok/s | prefill speedup | decode speedup | decode / ideal |",
-              "|---|---|---|---|---|---|---|"]
+    runtime = "decode_tps_runtime" in rows[0][f"{types[0]}_speed"]  # llama.cpp's own timers, since 2026-12-03
+    lines += ["", "| model | type | prefill tok/s | decode tok/s | prefill speedup | decode speedup | decode / ideal |"
+              + (" decode tok/s in llama_decode | its speedup | its / ideal |" if runtime else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if runtime else "")]
     for t in types:
         for r in rows:
             s = r[f"{t}_speed"]
             lines.append(f"| {r['name']} | {t} | {s['prefill_tps']:.0f} | {s['decode_tps']:.1f} | {s['prefill_speedup']:.2f}× | "
-                         f"{s['decode_speedup']:.2f}× | {s['decode_vs_ideal']:.2f} |")
+                         f"{s['decode_speedup']:.2f}× | {s['decode_vs_ideal']:.2f} |" + (
+                             f" {s['decode_tps_runtime']:.1f} | {s['decode_speedup_runtime']:.2f}× | {s['decode_vs_ideal_runtime']:.2f} |"
+                             if runtime else ""))
     lines += ["", "| type | ms/token not removed by pruning (a) | ms per MiB of file (b) | r² | a / dense's ms/token | "
               "fitted decode / ideal at half the size |", "|---|---|---|---|---|---|"]
     for t in types:
         mib = [r[f"{t}_mib"] for r in rows]
-        ms = [1000 / r[f"{t}_speed"]["decode_tps"] for r in rows]
+        ms = [1000 / r[f"{t}_speed"]["decode_tps_runtime" if runtime else "decode_tps"] for r in rows]
         b = statistics.covariance(mib, ms) / statistics.variance(mib)
         a = statistics.mean(ms) - b * statistics.mean(mib)
         dense = a + b * mib[0]

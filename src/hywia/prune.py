@@ -255,16 +255,16 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     if reconstruct:
         walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
 
-    def build(pruned: nn.Module, share: float | None) -> list[torch.Tensor]:
-        """Remove the allocation of `share` from `pruned` (the model, or a copy of it while it is still dense)."""
+    def build(pruned: nn.Module, share: float | None) -> tuple[list[torch.Tensor], dict | None]:
+        """Remove the allocation of `share` from `pruned` (the model, or a copy of it while it is still dense): the
+        groups removed (a selecting walk may have replaced them) and the walk's output errors, if it refit."""
         own = sets if pruned is model else find_groups(pruned, target, layers, attention_unit)
         removed = round_kept(own, scores.per_set, allocation(share), round_to)
-        if reconstruct:  # removed in place where the criterion selects during the walk
-            extra["reconstruction_error"] = remove_and_refit(pruned, own, removed, walk_ids, batch_size, intercept=compensate,
-                                                             select=select, device=memory.device)
-        else:
+        if not reconstruct:
             remove_groups(pruned, own, removed, means)
-        return removed
+            return removed, None
+        return removed, remove_and_refit(pruned, own, removed, walk_ids, batch_size, intercept=compensate, select=select,
+                                         device=memory.device)
 
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     shares = [share]
@@ -284,21 +284,21 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         if len(screened) > 1:
             extra["kind_split_evidence"]["screened"] = screened
     if len(shares) == 2:  # evidence-best, the screens disagree: build both, keep the lower held-out loss
-        built = {}
         twin = copy.deepcopy(model)
-        twin_removed, twin_errors = build(twin, shares[0]), extra.get("reconstruction_error")
-        built[shares[0]] = heldout_loss(twin, stats.heldout_ids, batch_size)
-        removed = build(model, shares[1])
-        built[shares[1]] = heldout_loss(model, stats.heldout_ids, batch_size)
+        results = {shares[0]: build(twin, shares[0]), shares[1]: build(model, shares[1])}
+        built = {shares[0]: heldout_loss(twin, stats.heldout_ids, batch_size),
+                 shares[1]: heldout_loss(model, stats.heldout_ids, batch_size)}
         share = min(shares, key=lambda candidate: (built[candidate], shares.index(candidate)))
         if share == shares[0]:  # the copy wins: it becomes the model (modules, config, everything a module holds)
             model.__dict__.update(twin.__dict__)
-            removed, extra["reconstruction_error"] = twin_removed, twin_errors
         del twin
         extra["kind_split_evidence"].update(attention_share=share, heldout_loss=built)
     else:
         share = shares[0]
-        removed = build(model, share)
+        results = {share: build(model, share)}
+    removed, errors = results[share]
+    if errors is not None:
+        extra["reconstruction_error"] = errors
     if scores.layer_ratios:
         extra["layer_ratios"] = scores.layer_ratios
     if scores.details:
