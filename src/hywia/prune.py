@@ -27,7 +27,7 @@ from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
 from .reconstruct import obs_select, reader_moments, refitted, remove_and_refit
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
-from .split import SPLITS, attention_kind, check_split, choose_attention_share, heldout_loss
+from .split import REFIT_SPLITS, SPLITS, attention_kind, check_split, choose_attention_share, heldout_loss
 
 
 @dataclass
@@ -76,7 +76,7 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
         raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
     check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
-    if kind_split in ("evidence-refit", "evidence-best") and not (criterion.reconstructs if reconstruct is None else reconstruct):
+    if kind_split in REFIT_SPLITS and not (criterion.reconstructs if reconstruct is None else reconstruct):
         raise HywiaError(f"--kind-split {kind_split} weighs candidates as reconstruction builds them: add --reconstruct obs "
                          "(or yes), or use --kind-split evidence")
     if target not in ("attention", "mlp", "both"):
@@ -235,7 +235,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
     stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
     moments = criterion.heldout is not None and criterion.heldout(method_options)
-    split_by_evidence = kind_split in ("evidence", "evidence-refit", "evidence-best") and attention_kind(sets) is not None
+    split_by_evidence = kind_split in SPLITS[1:] and attention_kind(sets) is not None
     if moments or split_by_evidence:
         heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
         calib_record["heldout_seed"] = seed + HELDOUT_SEED
@@ -272,7 +272,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         screens: dict[str, Callable | None] = {}
         if kind_split in ("evidence", "evidence-best"):
             screens["masked"] = None
-        if kind_split in ("evidence-refit", "evidence-best"):  # weigh each candidate as the walk will build it: refit, one-shot
+        if kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
             inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
             screens["refit"] = lambda gone: refitted(sets, gone, inputs, compensate, select)
         screened = {}

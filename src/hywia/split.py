@@ -25,6 +25,7 @@ from .grouping import LayerGroups
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
 SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
+REFIT_SPLITS = ("evidence-refit", "evidence-best")  # splits that weigh candidates as the reconstruction builds them
 
 
 def check_split(kind_split: str | float, scope: str) -> None:
