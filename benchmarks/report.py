@@ -104,7 +104,7 @@ def table1_long(records: list[dict]) -> str:
     lines = ["| model | WikiText-2 (128) | PTB (128) | WikiText-2 (2048) | PTB (2048) | recovery | eval s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["ratio"], r["recovered"], -r["average"])):
         a, b = r["ppl_128"], r["ppl_2048"]
-        tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} records"
+        tune = (f"{r['finetune_steps']} steps, {r['finetune_records']} {'C4 windows' if r.get('mode') == 'kd' else 'records'}"
                 + (f", {r['finetune_tokens']:,} tokens" if r.get("finetune_tokens") else "")
                 + f", {r['finetune_seconds'] / 60:.0f} min"
                 + (f" (after a resume at step {r['finetune_resumed_from']})" if r.get("finetune_resumed_from") else "")

@@ -160,7 +160,7 @@ def main() -> None:
         label = "LoRA" if mode == "lora" else f"KD (hidden {args.kd_hidden})"
         grid.evaluate(f"{method} {ratio} {budget}", str(tuned), {
             "name": f"{method} {ratio:.0%} + {label}", "method": method, "ratio": ratio, "recovered": True, "mode": mode,
-            "finetune_seconds": tune["seconds"], "finetune_steps": tune["steps"], "finetune_records": tune["data"]["records"],
+            "finetune_seconds": tune["seconds"], "finetune_steps": tune["steps"], "finetune_records": tune["data"]["trained"],
             "finetune_tokens": tune.get("tokens"), "guard": tune.get("guard"), "groups": tune["settings"].get("groups", 1),
             "finetune_peak_rss_mb": tune.get("peak_rss_mb"), "finetune_processes": tune.get("processes"),
             "finetune_resumed_from": tune.get("resumed_from")})  # seconds and peak memory are the last process's

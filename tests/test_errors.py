@@ -152,6 +152,9 @@ CASES = {
     "a newline in a choice": (P + R + ["--compensate", "ye\ns"], "invalid choice: 'ye\\ns'"),
     "slimgpt without its reconstruction": (P + R + ["--method", "slimgpt", "--reconstruct", "no"], "leave out --reconstruct no"),
     "reconstruct samples": (P + R + ["--reconstruct", "obs", "--reconstruct-samples", "0"], "--reconstruct-samples 0"),
+    "judge samples": (P + R + ["--kind-split", "evidence-best", "--judge-samples", "0"], "--judge-samples 0"),
+    "judge samples with an unstructured method": (P + ["--method", "wanda", "--sparsity", "0.5", "--judge-samples", "10"],
+                                                  "--judge-samples does not apply to --method wanda"),
     "reconstruct with an unstructured method": (P + ["--method", "wanda", "--sparsity", "0.5", "--reconstruct", "yes"],
                                                 "--reconstruct does not apply to --method wanda"),
     "dtype": (P + R + ["--dtype", "float8"], "unknown --dtype 'float8'"),
@@ -271,7 +274,7 @@ def _values():
 
 
 PRUNE_OPTIONS = ("--method", "--ratio", "--sparsity", "--pattern", "--calib", "--samples", "--seq-len", "--scope", "--target",
-                 "--layers", "--attention-unit", "--kind-split", "--compensate", "--reconstruct", "--reconstruct-samples", "--min-keep", "--seed", "--round-to",
+                 "--layers", "--attention-unit", "--kind-split", "--compensate", "--reconstruct", "--reconstruct-samples", "--judge-samples", "--min-keep", "--seed", "--round-to",
                  "--batch-size", "--fusion", "--alpha", "--fusion-dim", "--normalize", "--spread", "--granularity",
                  "--sensitivity-samples", "--wbits", "--layers-per-pass", "--stats-dtype", "--stats-device", "--dtype", "--device")
 FINETUNE_OPTIONS = ("--rank", "--lora-alpha", "--lora-dropout", "--lr", "--batch-size", "--micro-batch-size", "--epochs", "--max-steps",

@@ -121,7 +121,7 @@ def test_bfloat16_recovery_merges_into_the_stored_float32_and_lowers_the_loss(al
     done = _cli_finetune(model_dir, alpaca_file, tmp_path / "tuned", "--dtype", "bfloat16", "--lr", "3e-3", "--max-records", "16")
     assert done.returncode == 0, done.stderr[-1500:]
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["compute_dtype"] == "bfloat16" and result["data"]["records"] == 16
+    assert result["compute_dtype"] == "bfloat16" and result["data"]["records"] == result["data"]["trained"] == 16
     assert result["guard"]["after"] < result["guard"]["before"]
     from safetensors.torch import load_file
     weights = load_file(tmp_path / "tuned" / "model.safetensors")
@@ -197,6 +197,7 @@ def test_token_budget_sets_the_steps(text_dir, tokenizer):
     settings = FinetuneSettings(**{**TEXT_SETTINGS.__dict__, "max_steps": None, "tokens": 200})
     _, report = finetune(tiny_model(), tokenizer, "wikitext2", settings, data_dir=str(text_dir))
     assert report.steps == 3 and report.tokens == 3 * 4 * 23  # the first step count reaching 200 tokens (276 >= 200 > 184)
+    assert report.data["trained"] == 3 * 4 < report.data["records"]  # 12 windows drawn, of all the text holds
     with pytest.raises(HywiaError, match="give one of them"):
         finetune(tiny_model(), tokenizer, "wikitext2", FinetuneSettings(tokens=10, max_steps=2), data_dir=str(text_dir))
 

@@ -28,10 +28,10 @@ from .options import RANGES, check_values, flag
 from .sparsify import SPARSIFIERS
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "layers_per_pass", "stats_dtype", "stats_device")
+                   "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "judge_samples", "layers_per_pass", "stats_dtype", "stats_device")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
-                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128}
+                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128, "judge_samples": 100}
 RECONSTRUCT = {None: None, "yes": True, "no": False, "obs": "obs"}  # --reconstruct -> prune(reconstruct=)
 UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
 

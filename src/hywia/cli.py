@@ -90,6 +90,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "jointly with their biases); obs: also let OBS errors choose which groups of each layer go, the method "
                    "still deciding how many (default: obs for hywia-adaptive, yes for slimgpt, no for the others)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
+    p.add_argument("--judge-samples", type=int, default=None, help="--kind-split evidence-best: calibration windows, a draw of their "
+                   "own, on which the two built models are compared (default 100)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")
@@ -257,7 +259,7 @@ def _prune(args) -> dict:
                               layers=args.layers, min_keep=args.min_keep, round_to=args.round_to, attention_unit=args.attention_unit,
                               compensate=None if args.compensate is None else args.compensate == "yes",
                               reconstruct=RECONSTRUCT[args.reconstruct],
-                              reconstruct_samples=args.reconstruct_samples,
+                              reconstruct_samples=args.reconstruct_samples, judge_samples=args.judge_samples,
                               kind_split=args.kind_split, memory=memory(args), **common)
         artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
     if args.gguf:
@@ -317,8 +319,8 @@ def _finetune(args) -> dict:
             if report.curve:
                 plot_curve(report.curve, tmp / "tokens.png", f"recovery of {Path(args.model).name}"
                            f"{' distilled from ' + Path(args.teacher).name if args.teacher else ''} ({settings.train})")
-            plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {Path(args.model).name}\n{report.data['records']} "
-                        f"records, {report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype} compute)")
+            plot_losses(report.losses, tmp / "loss.png", f"LoRA recovery of {Path(args.model).name}\n{report.data['trained']} "
+                        f"examples, {report.steps} steps, {report.seconds / 60:.1f} min ({report.compute_dtype} compute)")
         save_model(merged, tokenizer, out, recipe, overwrite=args.overwrite, extra=extra)
     remove_checkpoints(checkpoints)  # the run finished: the checkpoints it wrote are no longer needed (nothing else goes)
     return {"model": args.model, "out": str(out), **report.as_dict()}

@@ -538,7 +538,9 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     peft_model.eval()
     if fsdp:  # a sharded model (and teacher) runs only with every process: the guard's second reading is taken here
         guard["after"] = mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)
-    report = FinetuneReport(asdict(settings), {"source": source, "records": len(records)}, step, resumed_from, losses,
+    # "records": what the source held (after --max-records); "trained": the distinct examples the steps drew from it
+    used = {"source": source, "records": len(records), "trained": min(len(examples), step * settings.batch_size)}
+    report = FinetuneReport(asdict(settings), used, step, resumed_from, losses,
                             time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard, guarded,
                             tokens=tokens_seen, teacher=teacher_name, curve=curve, guard_loss=loss_of,
                             processes={"count": processes.num_processes, "fsdp": fsdp, **(sharding or {})},
