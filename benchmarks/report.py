@@ -167,7 +167,8 @@ def hybrid_table(records: list[dict]) -> str:
              "/ slimgpt (test, per seed) | alphas (attention; MLP) | attention share removed (per seed) | prune s | prune peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, ratio in sorted({(r["model"], r["ratio"]) for r in records}):
-        configs = sorted({r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio)}, key=chain.index)
+        configs = sorted({r["config"] for r in records if (r["model"], r["ratio"]) == (model, ratio) and r["config"] in chain},
+                         key=chain.index)  # rows of configurations no longer in CONFIGS stay in the file as a record
         for config in configs:
             rows = [by[k] for k in sorted(by) if k[:3] == (model, ratio, config)]
             seeds = [r["seed"] for r in rows]
