@@ -136,6 +136,8 @@ def _check_prune(args: argparse.Namespace) -> None:
         fix = "it takes --sparsity or --pattern" if unstructured else "it takes --ratio"
         raise HywiaError(f"{flag(given[0])} does not apply to --method {args.method}, which is {kind} pruning ({fix})")
     _numbers(args)
+    # what the command line gave, before defaults fill in (a recipe's recorded values are not the user's to explain)
+    given_counts = {n: getattr(args, n) for n in ("reconstruct_samples", "judge_samples") if args.recipe is None}
     for name, value in (UNSTRUCTURED_DEFAULTS if unstructured else STRUCTURED_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -147,7 +149,7 @@ def _check_prune(args: argparse.Namespace) -> None:
         if args.ratio is None:
             raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
         check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split,
-                      RECONSTRUCT[args.reconstruct])
+                      RECONSTRUCT[args.reconstruct], **given_counts)
         if args.layers:
             layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
         memory(args).check()

@@ -80,8 +80,9 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "the same number from every KV group of a layer (needed where a layer has one KV group, e.g. Gemma-3-270M)")
     p.add_argument("--kind-split", default=None, help="how the budget splits between attention and MLP: ratio (the same fraction "
                    "of each), evidence (the split with the lowest held-out calibration loss), evidence-refit (the same, each candidate "
-                   "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and the lower "
-                   "held-out loss kept: one more reconstruction walk, the model held twice) or the fraction of attention to remove "
+                   "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and judged on windows "
+                   "of their own: the refit one kept only if its loss is lower beyond the windows' noise; one more reconstruction "
+                   "walk, the model held twice) or the fraction of attention to remove "
                    "(default: evidence for hywia-adaptive, ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
@@ -91,7 +92,7 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "still deciding how many (default: obs for hywia-adaptive, yes for slimgpt, no for the others)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
     p.add_argument("--judge-samples", type=int, default=None, help="--kind-split evidence-best: calibration windows, a draw of their "
-                   "own, on which the two built models are compared (default 100)")
+                   "own, on which the two built models are compared, window by window (default 100, at least 2)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")

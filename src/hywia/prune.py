@@ -27,7 +27,7 @@ from .grouping import ATTENTION_UNITS, LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats, collect_inputs, collect_stats, get_criterion
 from .reconstruct import obs_select, reader_moments, refitted, remove_and_refit
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths: part of this module's API)
-from .split import REFIT_SPLITS, SPLITS, attention_kind, check_split, choose_attention_share, heldout_loss
+from .split import REFIT_SPLITS, SPLITS, attention_kind, check_split, choose_attention_share, judged_share, window_losses
 
 
 @dataclass
@@ -62,8 +62,10 @@ def count_params(model: nn.Module) -> int:
 
 def check_options(method: str, ratio: float, scope: str | None, target: str, method_options: dict | None = None,
                   round_to: int = 1, attention_unit: str | None = None, kind_split: str | float | None = None,
-                  reconstruct: bool | str | None = None) -> None:
-    """Validate what can be validated before a model is loaded, so a typo costs no time."""
+                  reconstruct: bool | str | None = None, reconstruct_samples: int | None = None,
+                  judge_samples: int | None = None) -> None:
+    """Validate what can be validated before a model is loaded, so a typo costs no time. `reconstruct_samples` and
+    `judge_samples` are the values the user gave (None: not given), refused where they would change nothing."""
     if reconstruct not in (None, True, False, "obs"):
         raise HywiaError(f"unknown --reconstruct '{reconstruct}': use yes (refit the kept weights), obs (OBS chooses the groups "
                          "too) or no")
@@ -79,6 +81,12 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
     if kind_split in REFIT_SPLITS and not (criterion.reconstructs if reconstruct is None else reconstruct):
         raise HywiaError(f"--kind-split {kind_split} weighs candidates as reconstruction builds them: add --reconstruct obs "
                          "(or yes), or use --kind-split evidence")
+    if reconstruct_samples is not None and not (criterion.reconstructs if reconstruct is None else reconstruct):
+        raise HywiaError(f"--reconstruct-samples sets the windows a reconstruction fits on, and --method {method} does not "
+                         "reconstruct here: add --reconstruct obs (or yes), or leave --reconstruct-samples out")
+    if judge_samples is not None and (criterion.kind_split if kind_split is None else kind_split) != "evidence-best":
+        raise HywiaError("--judge-samples sets the windows that judge --kind-split evidence-best's two built models: add "
+                         "--kind-split evidence-best, or leave --judge-samples out")
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
 
@@ -187,9 +195,10 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     hywia.split, each candidate's groups removed and nothing refit), "evidence-refit" (with `reconstruct`: each
     candidate refit one-shot on the reconstruction draw, `hywia.reconstruct.refitted`, as the walk will build it),
     "evidence-best" (with `reconstruct`: both screens; where they disagree, both shares are built by the walk, the
-    first on a copy of the dense model, so it holds the model twice, and the one with the lower loss on a third draw
-    of `judge_samples` windows from `calib` (seed `seed` + JUDGE_SEED) is kept: the screens' 10 held-out windows
-    mis-ranked 2% gaps between built models, docs/reconstruction.md);
+    masked screen's on a copy of the dense model, so it holds the model twice, and both are judged on a third draw
+    of `judge_samples` windows from `calib` (seed `seed` + JUDGE_SEED): the masked share is kept unless the refit one's
+    loss is lower by more than `hywia.split.JUDGE_MARGIN` standard errors of the paired per-window difference, since
+    two draws ranked built models 1-2% apart both ways, docs/reconstruction.md);
     default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
@@ -286,17 +295,18 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
         if len(screened) > 1:
             extra["kind_split_evidence"]["screened"] = screened
-    if len(shares) == 2:  # evidence-best, the screens disagree: build both, keep the lower loss on the judge's draw
+    if len(shares) == 2:  # evidence-best, the screens disagree: build both, judge them on a draw of their own
         judge_ids, calib_record["judge"] = calibration_ids(model, tokenizer, calib, judge_samples, seq_len, seed + JUDGE_SEED, data_dir)
         calib_record["judge"]["seed"] = seed + JUDGE_SEED
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model)  # shares[0] is the masked screen's: the incumbent, built on the copy
         results = {shares[0]: build(twin, shares[0]), shares[1]: build(model, shares[1])}
-        built = {shares[0]: heldout_loss(twin, judge_ids, batch_size), shares[1]: heldout_loss(model, judge_ids, batch_size)}
-        share = min(shares, key=lambda candidate: (built[candidate], shares.index(candidate)))
+        per_window = {shares[0]: window_losses(twin, judge_ids, batch_size), shares[1]: window_losses(model, judge_ids, batch_size)}
+        share, verdict = judged_share(per_window, incumbent=shares[0])
         if share == shares[0]:  # the copy wins: it becomes the model (modules, config, everything a module holds)
             model.__dict__.update(twin.__dict__)
         del twin
-        extra["kind_split_evidence"].update(attention_share=share, judge_loss=built)
+        extra["kind_split_evidence"].update(attention_share=share, judge=verdict,
+                                            judge_loss={s: losses.mean().item() for s, losses in per_window.items()})
     else:
         share = shares[0]
         results = {share: build(model, share)}

@@ -13,10 +13,12 @@ the held-out windows per candidate, no copy of the model, and the test split is 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import HywiaError
@@ -26,6 +28,9 @@ from .grouping import LayerGroups
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
 SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
 REFIT_SPLITS = ("evidence-refit", "evidence-best")  # splits that weigh candidates as the reconstruction builds them
+# evidence-best keeps the masked screen's share unless the refit one's judge loss is lower by more than this many
+# standard errors of the paired per-window difference (a one-sided test at about 2.3% when nothing differs)
+JUDGE_MARGIN = 2.0
 
 
 def check_split(kind_split: str | float, scope: str) -> None:
@@ -80,6 +85,34 @@ def heldout_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     losses = [model(input_ids=batch.to(device), labels=batch.to(device)).loss.float().item() * len(batch)
               for batch in ids.split(batch_size)]
     return sum(losses) / len(ids)
+
+
+@torch.no_grad()
+def window_losses(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean next-token loss of each window of `ids` [n, seq_len], in float32 (n values: a paired comparison of two
+    models on the same windows needs them one by one)."""
+    device = next(model.parameters()).device
+    losses = []
+    for batch in ids.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        token = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        losses.append(token.view(len(batch), -1).mean(1).cpu())
+    return torch.cat(losses)
+
+
+def judged_share(losses: dict[float, torch.Tensor], incumbent: float) -> tuple[float, dict]:
+    """Of two built models' per-window losses on the same windows, the incumbent's share (the masked screen's, what
+    `evidence` alone builds) unless the other's mean loss is lower by more than JUDGE_MARGIN standard errors of the
+    paired differences. Two built models 1-2% apart were ranked one way by one 100-window draw and the other way by
+    another (docs/reconstruction.md): a difference inside the draw's noise is no reason to leave the default's share.
+    Returns the kept share and the record: the mean difference (other - incumbent), its standard error, the margin."""
+    (other,) = [share for share in losses if share != incumbent]
+    difference = losses[other].double() - losses[incumbent].double()
+    n = len(difference)
+    error = (difference.std() / math.sqrt(n)).item() if n > 1 else math.inf
+    kept = other if difference.mean().item() < -JUDGE_MARGIN * error else incumbent
+    return kept, {"difference": difference.mean().item(), "standard_error": error, "margin": JUDGE_MARGIN, "windows": n}
 
 
 def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], model: nn.Module, sets: list[LayerGroups],
