@@ -5,7 +5,8 @@ chain ends at `--method hywia-adaptive --reconstruct no` (issue 11's method); an
 hybrid scores themselves add is measured apart from what the structure adds. The last rows (issue 22) update the
 kept weights: SlimGPT, and "X + reconstruction" (X's groups, then a least-squares refit of the weights that read
 them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases), each paired with
-the row PAIRED names; "hywia-adaptive + obs selection" is today's `--method hywia-adaptive`.
+the row PAIRED names; "+ both splits built" is today's `--method hywia-adaptive` (since 2026-12-03, fifth session;
+"hywia-adaptive + obs selection", the default before, is `--kind-split evidence`).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
     python benchmarks/report.py          # the tables in docs/RESULTS.md
@@ -60,10 +61,11 @@ CONFIGS = {
     "hywia-adaptive + reconstruction": {"method": "hywia-adaptive", "reconstruct": True},  # refit jointly with the biases
     "- compensation + reconstruction": {"method": "hywia-adaptive", "compensate": False, "reconstruct": True},  # refit replaces it
     # hywia-adaptive's allocation (how many groups each set loses), OBS errors on the pruned prefix choosing which
-    "hywia-adaptive + obs selection": {"method": "hywia-adaptive", "reconstruct": "obs"},
+    "hywia-adaptive + obs selection": {"method": "hywia-adaptive", "reconstruct": "obs", "kind_split": "evidence"},
     # the attention/MLP split weighed on candidates refit one-shot, as the walk will build the model (hywia.split)
     "+ refit-weighed split": {"method": "hywia-adaptive", "reconstruct": "obs", "kind_split": "evidence-refit"},
-    # both screens; where their shares differ, both models built by the walk and the lower held-out calibration loss kept
+    # both screens; where their shares differ, both models built by the walk and judged on a draw of their own: the
+    # masked screen's kept unless the refit one wins beyond the draw's noise (hywia.split.judged_share)
     "+ both splits built": {"method": "hywia-adaptive", "reconstruct": "obs", "kind_split": "evidence-best"},
 }
 # the row each issue-22 row is paired with (the others: "+"/"-" with the row before them in CONFIGS)
@@ -71,7 +73,9 @@ PAIRED = {"element2 + reconstruction": "element2", "hywia-adaptive + reconstruct
           "- compensation + reconstruction": "hywia-adaptive + reconstruction",
           "hywia-adaptive + obs selection": "hywia-adaptive + reconstruction", "+ both splits built": "hywia-adaptive + obs selection"}
 # chain rows that a method name gives (tested equal); the default method's reconstruction came last (issue 22)
-NAMED = {"+ evidence split": "--method hywia-adaptive --reconstruct no", "hywia-adaptive + obs selection": "--method hywia-adaptive"}
+NAMED = {"+ evidence split": "--method hywia-adaptive --reconstruct no",
+         "hywia-adaptive + obs selection": "--method hywia-adaptive --kind-split evidence",
+         "+ both splits built": "--method hywia-adaptive"}
 
 
 def reset_peak_rss() -> None:

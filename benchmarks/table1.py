@@ -35,7 +35,8 @@ from hywia.bench import _hywia, machine  # noqa: E402
 
 METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are made (most important first)
     "hywia": ["--method", "hywia"],
-    "hywia-adaptive": ["--method", "hywia-adaptive"],  # its default --reconstruct obs since 2026-12-03 (issue 22)
+    "hywia-adaptive": ["--method", "hywia-adaptive"],  # --reconstruct obs, --kind-split evidence-best since 2026-12-03 (issue 22)
+    "hywia-adaptive --kind-split evidence": ["--method", "hywia-adaptive", "--kind-split", "evidence"],  # the default before
     "hywia-adaptive --reconstruct no": ["--method", "hywia-adaptive", "--reconstruct", "no"],  # the default before
     "element2": ["--method", "element2"],
     "flap (layer scope)": ["--method", "flap", "--scope", "layer"],
@@ -45,7 +46,8 @@ METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are
     "slimgpt": ["--method", "slimgpt"],  # issue 22: structured OBS, kept weights refit (retraining-free rows only)
 }
 # the 20% models recovered: HyWIA, Element2, the best retraining-free baseline, and SAAP with its own group fine-tuning
-RECOVERED = {"hywia-adaptive": [], "hywia-adaptive --reconstruct no": [], "hywia": [], "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}
+RECOVERED = {"hywia-adaptive": [], "hywia-adaptive --kind-split evidence": [], "hywia-adaptive --reconstruct no": [], "hywia": [],
+             "element2": [], "flap (layer scope)": [], "saap": ["--groups", "3"]}
 
 
 def slug(text: str) -> str:

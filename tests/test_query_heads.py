@@ -67,7 +67,7 @@ def test_compensation_is_available_to_every_criterion(calib_ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_hywia_adaptive_defaults_to_query_heads_compensation_global_scope_evidence_split_and_obs(family, calib_ids):
+def test_hywia_adaptive_defaults_to_query_heads_compensation_global_scope_obs_and_the_best_evidence_split(family, calib_ids):
     dense = tiny_model(family)
     chosen, report = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, reconstruct=False)
     extra = report.extra
@@ -83,8 +83,10 @@ def test_hywia_adaptive_defaults_to_query_heads_compensation_global_scope_eviden
     default, obs = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
     assert obs.extra["reconstruct"] == "obs" and obs.kept.keys() == report.kept.keys()
     assert all(len(obs.kept[k]) == len(report.kept[k]) for k in report.kept)
+    # and the split by evidence-best (both screens; where they disagree, both models built and judged)
+    assert obs.extra["kind_split"] == "evidence-best" and obs.extra["kind_split_evidence"]["candidates"] == "masked+refit"
     explicit, _ = prune(copy.deepcopy(dense), method="hywia", ratio=0.3, calib=calib_ids, fusion="evidence", attention_unit="query",
-                        compensate=True, scope="global", kind_split="evidence", reconstruct="obs")
+                        compensate=True, scope="global", kind_split="evidence-best", reconstruct="obs")
     assert torch.equal(logits(explicit), logits(default))
 
 

@@ -67,7 +67,7 @@ def test_evidence_refit_weighs_each_split_as_the_reconstruction_builds_it(family
                              compensate=compensate, kind_split=share, reconstruct=reconstruct)
         assert heldout_loss(candidate, calib_ids, 4) == pytest.approx(loss, abs=1e-4)
     masked_run = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, compensate=compensate,
-                       reconstruct=reconstruct)[1].extra["kind_split_evidence"]  # the default "evidence": masked
+                       reconstruct=reconstruct, kind_split="evidence")[1].extra["kind_split_evidence"]  # masked
     assert masked_run["candidates"] == "masked" and masked_run["heldout_loss"] != losses  # removal alone weighs otherwise
     assert all(torch.equal(p, before[n]) for n, p in dense.state_dict().items())
 

@@ -77,18 +77,27 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
     if criterion.select is not None and reconstruct is False:
         raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
-    check_split(criterion.kind_split if kind_split is None else kind_split, scope or criterion.scope)
+    kind_split = own_split(criterion, reconstruct) if kind_split is None else kind_split
+    check_split(kind_split, scope or criterion.scope)
     if kind_split in REFIT_SPLITS and not (criterion.reconstructs if reconstruct is None else reconstruct):
         raise HywiaError(f"--kind-split {kind_split} weighs candidates as reconstruction builds them: add --reconstruct obs "
                          "(or yes), or use --kind-split evidence")
     if reconstruct_samples is not None and not (criterion.reconstructs if reconstruct is None else reconstruct):
         raise HywiaError(f"--reconstruct-samples sets the windows a reconstruction fits on, and --method {method} does not "
                          "reconstruct here: add --reconstruct obs (or yes), or leave --reconstruct-samples out")
-    if judge_samples is not None and (criterion.kind_split if kind_split is None else kind_split) != "evidence-best":
+    if judge_samples is not None and kind_split != "evidence-best":
         raise HywiaError("--judge-samples sets the windows that judge --kind-split evidence-best's two built models: add "
                          "--kind-split evidence-best, or leave --judge-samples out")
     if target not in ("attention", "mlp", "both"):
         raise HywiaError(f"unknown target '{target}': use attention, mlp or both")
+
+
+def own_split(criterion: Criterion, reconstruct: bool | str | None) -> str:
+    """The criterion's default --kind-split for this run: a split that weighs refit candidates (hywia-adaptive's
+    evidence-best) falls back to "evidence" where the run does not reconstruct, so `--reconstruct no` alone gives the
+    choose-only method back."""
+    refits = criterion.reconstructs if reconstruct is None else reconstruct
+    return criterion.kind_split if refits or criterion.kind_split not in REFIT_SPLITS else "evidence"
 
 
 def _peak_rss_mb() -> float:
@@ -199,7 +208,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     of `judge_samples` windows from `calib` (seed `seed` + JUDGE_SEED): the masked share is kept unless the refit one's
     loss is lower by more than `hywia.split.JUDGE_MARGIN` standard errors of the paired per-window difference, since
     two draws ranked built models 1-2% apart both ways, docs/reconstruction.md);
-    default: the criterion's own ("evidence" for hywia-adaptive, "ratio" for the others).
+    default: the criterion's own ("evidence-best" for hywia-adaptive, "evidence" when it does not reconstruct, "ratio"
+    for the others).
     `reconstruct` refits the weights that read the removed groups (o_proj, down_proj) by least squares on the
     calibration inputs, layer by layer on the already-pruned layers' outputs (hywia.reconstruct), jointly with their
     biases when `compensate` is on too; default: the criterion's own ("obs" for hywia-adaptive, True for slimgpt, off for the others). "obs" keeps how many
@@ -226,7 +236,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     memory.check()
     criterion = get_criterion(method, method_options)
     scope = scope or criterion.scope
-    kind_split = criterion.kind_split if kind_split is None else kind_split
+    kind_split = own_split(criterion, reconstruct) if kind_split is None else kind_split
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
                          "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")

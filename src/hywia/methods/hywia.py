@@ -17,10 +17,11 @@ of calibration windows (the expected squared error of the output projection, tr(
 when removal compensates with the means). It costs one forward pass and a few small matrix products per layer.
 
 `hywia-adaptive` is that fusion with the structure and allocation that measured best (docs/method.md, issue 11):
-query heads as the attention unit, removed inputs' means folded into the biases, global scope, the split of the
-budget between attention and MLP chosen by held-out calibration loss (hywia.split), and `--reconstruct obs`: the
-scores decide how many groups each layer loses, OBS on the already-pruned layers' outputs decides which, and the
-weights that read them are refit with the biases (hywia.reconstruct; chosen on held-out text, docs/reconstruction.md).
+query heads as the attention unit, removed inputs' means folded into the biases, global scope, `--reconstruct obs`:
+the scores decide how many groups each layer loses, OBS on the already-pruned layers' outputs decides which, and the
+weights that read them are refit with the biases (hywia.reconstruct), and the split of the budget between attention
+and MLP by `evidence-best`: screened on held-out calibration windows both masked and refit, and where the screens
+disagree both models built and judged (hywia.split; each chosen on held-out text, docs/reconstruction.md).
 """
 from __future__ import annotations
 
@@ -130,10 +131,10 @@ def _adaptive(options: dict) -> dict:
 
 
 # hywia's best measured configuration (docs/RESULTS.md, "HyWIA's own method" and "Updating the kept weights"): evidence
-# fusion over query heads with bias compensation, one ranking per kind across layers (per-layer ratios), the
-# attention/MLP split chosen by held-out calibration loss, and OBS selection with the refit (`--reconstruct no` turns it
-# off: the issue-11 configuration). `--method hywia` stays the paper's.
+# fusion over query heads with bias compensation, one ranking per kind across layers (per-layer ratios), OBS selection
+# with the refit, and the attention/MLP split by evidence-best (`--reconstruct no` turns the refit off and the split
+# falls back to the masked evidence: the issue-11 configuration). `--method hywia` stays the paper's.
 register("hywia-adaptive", Criterion(lambda sets, stats, options: fuse(sets, stats, _adaptive(options)), needs_grad=True,
                                      needs_fisher=True, options=("normalize",), check=lambda options: fusion_options(_adaptive(options)),
                                      heldout=lambda options: True, scope="global", compensates=True, attention_unit="query",
-                                     kind_split="evidence", reconstructs="obs"))
+                                     kind_split="evidence-best", reconstructs="obs"))
