@@ -83,7 +83,7 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and judged on windows "
                    "of their own: the refit one kept only if its loss is lower beyond the windows' noise; one more reconstruction "
                    "walk, the model held twice) or the fraction of attention to remove "
-                   "(default: evidence for hywia-adaptive, ratio for the others)")
+                   "(default: evidence-best for hywia-adaptive, evidence with --reconstruct no; ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
     p.add_argument("--reconstruct", default=None, choices=("yes", "obs", "no"), help="refit the weights that read removed groups "

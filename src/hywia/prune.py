@@ -77,12 +77,13 @@ def check_options(method: str, ratio: float, scope: str | None, target: str, met
     if criterion.select is not None and reconstruct is False:
         raise HywiaError(f"--method {method} chooses its groups during its reconstruction walk: leave out --reconstruct no")
     check_ratio_and_scope(ratio, scope or criterion.scope)
+    refits = criterion.reconstructs if reconstruct is None else reconstruct
     kind_split = own_split(criterion, reconstruct) if kind_split is None else kind_split
     check_split(kind_split, scope or criterion.scope)
-    if kind_split in REFIT_SPLITS and not (criterion.reconstructs if reconstruct is None else reconstruct):
+    if kind_split in REFIT_SPLITS and not refits:
         raise HywiaError(f"--kind-split {kind_split} weighs candidates as reconstruction builds them: add --reconstruct obs "
                          "(or yes), or use --kind-split evidence")
-    if reconstruct_samples is not None and not (criterion.reconstructs if reconstruct is None else reconstruct):
+    if reconstruct_samples is not None and not refits:
         raise HywiaError(f"--reconstruct-samples sets the windows a reconstruction fits on, and --method {method} does not "
                          "reconstruct here: add --reconstruct obs (or yes), or leave --reconstruct-samples out")
     if judge_samples is not None and kind_split != "evidence-best":
