@@ -109,10 +109,24 @@ def table1_long(records: list[dict]) -> str:
                 + f", {r['finetune_seconds'] / 60:.0f} min"
                 + (f" (after a resume at step {r['finetune_resumed_from']})" if r.get("finetune_resumed_from") else "")
                 + (f", peak {r['finetune_peak_rss_mb'] / 1024:.1f} GB" if r.get("finetune_peak_rss_mb") else "")
+                + (f", {r['finetune_processes']['count']} process{'es' if r['finetune_processes']['count'] > 1 else ''}"
+                   + (" (FSDP)" if r['finetune_processes'].get('fsdp') else "") if r.get("finetune_processes") else "")
                 + f"; guard loss {r['guard']['before']:.3f} → {r['guard']['after']:.3f}") if r["recovered"] else "-"
         lines.append(f"| {r['name']} | {a['wikitext2']['ppl']:.2f} | {a['ptb']['ppl']:.2f} | {b['wikitext2']['ppl']:.2f} | "
                      f"{b['ptb']['ppl']:.2f} | {tune} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def recovery_curves(records: list[dict]) -> str:
+    """WikiText-2 validation perplexity (the choice corpus) against training tokens, for the rows recovered with a curve."""
+    lines = ["| model | WikiText-2 validation ppl at k training tokens | last step's gain |", "|---|---|---|"]
+    for r in records:
+        curve = r.get("finetune_curve")
+        if curve:
+            points = ", ".join(f"{c['ppl']:.2f} @{c['tokens'] / 1000:.0f}k" for c in curve)
+            gain = curve[-1]["ppl"] / curve[-2]["ppl"] - 1 if len(curve) > 1 else float("nan")
+            lines.append(f"| {r['name']} | {points} | {gain:+.1%} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 LEVELS = ("0.5", "0.6", "0.7", "2:4")
@@ -332,6 +346,9 @@ if __name__ == "__main__":
         print(table1(mine))
         print(f"\n## Table 1 ({model}), both perplexity protocols\n")
         print(table1_long(mine))
+        if recovery_curves(mine):
+            print(f"\n## Table 1 ({model}), recovery curves\n")
+            print(recovery_curves(mine))
     from hywia.speed import markdown
     sections = [  # (results file, heading, table of its records)
         ("sparsity.jsonl", "Unstructured and N:M (SmolLM2-135M)", sparsity_table),

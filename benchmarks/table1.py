@@ -19,7 +19,9 @@ epoch over the first `--records` Alpaca-cleaned records, bfloat16 compute merged
 with its group fine-tuning (`--groups 3`: layers 20-29, then 10-19, then 0-9, a third of the steps each).
 With `--tokens N` (issue 20) every recovery mode in `--recovery` gets the same budget of N predicted tokens instead:
 `lora` on Alpaca as above, `kd` distilled from the dense model on the C4 sample (`--teacher`, logits and
-`--kd-hidden` residual stream), at the ratios in `--recover-ratios`.
+`--kd-hidden` residual stream), at the ratios in `--recover-ratios`. `--eval-every K` measures WikiText-2 validation
+perplexity (first 32 windows) every K recovery steps: the quality-vs-tokens curve (tokens.png beside the model, and
+the report's "recovery curves" table).
 """
 from __future__ import annotations
 
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--recovery", default="lora", help="recovery modes with --tokens: lora, kd (comma-separated)")
     parser.add_argument("--recover-ratios", default="0.2")
     parser.add_argument("--kd-hidden", default="0")
+    parser.add_argument("--eval-every", default=None, help="recovery steps between WikiText-2 validation perplexities (tokens.png)")
     args = parser.parse_args()
     grid = Grid(args, args.results)
 
@@ -156,8 +159,9 @@ def main() -> None:
         if not tuned.is_dir():
             print(f"[{time.strftime('%H:%M:%S')}] recovering {method} {ratio:.0%} ({budget})", file=sys.stderr, flush=True)
             resume = ["--resume"] if tuned.with_name(tuned.name + ".checkpoints").is_dir() else []
+            curve = ["--eval-every", args.eval_every] if args.eval_every else []
             _hywia("finetune", "--model", str(pruned), *data, "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned),
-                   *RECOVERED[method], *resume, *grid.common)
+                   *RECOVERED[method], *curve, *resume, *grid.common)
         tune = json.loads((tuned / "hywia.json").read_text())["finetune"]
         label = "LoRA" if mode == "lora" else f"KD (hidden {args.kd_hidden})"
         grid.evaluate(f"{method} {ratio} {budget}", str(tuned), {
@@ -165,7 +169,8 @@ def main() -> None:
             "finetune_seconds": tune["seconds"], "finetune_steps": tune["steps"], "finetune_records": tune["data"]["trained"],
             "finetune_tokens": tune.get("tokens"), "guard": tune.get("guard"), "groups": tune["settings"].get("groups", 1),
             "finetune_peak_rss_mb": tune.get("peak_rss_mb"), "finetune_processes": tune.get("processes"),
-            "finetune_resumed_from": tune.get("resumed_from")})  # seconds and peak memory are the last process's
+            "finetune_resumed_from": tune.get("resumed_from"), "finetune_curve": tune.get("curve") or None})
+        # seconds and peak memory are the last process's; the curve is WikiText-2 validation ppl against tokens (--eval-every)
 
     attempt(grid.evaluate, "dense", args.model, {"name": "dense", "method": "dense", "ratio": 0.0, "recovered": False})
     methods = [m for m in args.methods.split(",") if m]
