@@ -125,7 +125,38 @@ def recovery_curves(records: list[dict]) -> str:
         if curve:
             points = ", ".join(f"{c['ppl']:.2f} @{c['tokens'] / 1000:.0f}k" for c in curve)
             gain = curve[-1]["ppl"] / curve[-2]["ppl"] - 1 if len(curve) > 1 else float("nan")
-            lines.append(f"| {r['name']} | {points} | {gain:+.1%} |")
+            lines.append(f"| {r['name']}, seed {json.loads(r['key'])['seed']} | {points} | {gain:+.1%} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def table1_seeds(records: list[dict]) -> str:
+    """Table 1 rows measured at several seeds (perplexity, 128-token protocol): mean ± std, and per seed the ratio to
+    the same model before recovery and to Element² recovered the same way; seed s prunes on calibration draw s and
+    recovers with data order s, and every seed is evaluated on the same windows."""
+    by: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        key = json.loads(r["key"])
+        by[key["row"]][key["seed"]] = r  # the perplexity-only rerun of a seed measures the same windows
+    dense = next(iter(by["dense"].values()))["ppl_128"]["wikitext2"]["ppl"]
+    lines = ["| model | seeds | WikiText-2 (128) | × dense | PTB (128) | WikiText-2 (2048) | per seed (WikiText-2) | "
+             "/ before recovery (per seed) | / Element² the same way (per seed) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def per_seed(mine: dict[int, dict], other: dict[int, dict] | None) -> str:
+        seeds = sorted(set(mine) & set(other or {}))
+        ratios = [mine[s]["ppl_128"]["wikitext2"]["ppl"] / other[s]["ppl_128"]["wikitext2"]["ppl"] for s in seeds]
+        return f"{cell(ratios, 3)} ({', '.join(f'{x:.3f}' for x in ratios)})" if ratios else "-"
+
+    for row, seeds in by.items():
+        if len(seeds) < 2:
+            continue
+        rs = [seeds[s] for s in sorted(seeds)]
+        wiki = [r["ppl_128"]["wikitext2"]["ppl"] for r in rs]
+        method, ratio, *budget = row.split(" ")
+        before = by.get(f"{method} {ratio}") if budget else None
+        element2 = by.get(" ".join(["element2", ratio, *budget])) if method != "element2" else None
+        lines.append(f"| {rs[0]['name']} | {len(rs)} | {cell(wiki)} | {statistics.mean(wiki) / dense:.2f} | "
+                     f"{cell([r['ppl_128']['ptb']['ppl'] for r in rs])} | {cell([r['ppl_2048']['wikitext2']['ppl'] for r in rs])} | "
+                     f"{', '.join(f'{x:.2f}' for x in wiki)} | {per_seed(seeds, before)} | {per_seed(seeds, element2)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -341,14 +372,18 @@ def llama_cpp_tables(records: list[dict]) -> str:
 if __name__ == "__main__":
     rows = load("table1.jsonl")
     for model in dict.fromkeys(json.loads(r["key"])["model"] for r in rows):  # one table per model, first measured first
-        mine = [r for r in rows if json.loads(r["key"])["model"] == model]
+        every_seed = [r for r in rows if json.loads(r["key"])["model"] == model]
+        mine = [r for r in every_seed if r["zeroshot"]]  # the zero-shot rows; further seeds are perplexity only
         print(f"## Table 1 ({model})\n")
         print(table1(mine))
         print(f"\n## Table 1 ({model}), both perplexity protocols\n")
         print(table1_long(mine))
-        if recovery_curves(mine):
+        if recovery_curves(every_seed):
             print(f"\n## Table 1 ({model}), recovery curves\n")
-            print(recovery_curves(mine))
+            print(recovery_curves(every_seed))
+        if table1_seeds(every_seed):
+            print(f"\n## Table 1 ({model}), rows at several seeds\n")
+            print(table1_seeds(every_seed))
     from hywia.speed import markdown
     sections = [  # (results file, heading, table of its records)
         ("sparsity.jsonl", "Unstructured and N:M (SmolLM2-135M)", sparsity_table),

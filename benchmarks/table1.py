@@ -70,7 +70,8 @@ class Grid:
     def evaluate(self, row: str, path: str, info: dict) -> None:
         """Both perplexity protocols and the seven zero-shot tasks of the model at `path`, unless already measured."""
         a = self.args
-        key = json.dumps({"model": a.model, "row": row, "seed": a.seed, "limit": a.limit, "dtype": a.dtype,
+        seed = 0 if info["method"] == "dense" else a.seed  # the dense model is the same at every seed: measured once
+        key = json.dumps({"model": a.model, "row": row, "seed": seed, "limit": a.limit, "dtype": a.dtype,
                           "windows": [a.windows_128, a.windows_2048]}, sort_keys=True)
         if key in self.done:
             return
@@ -161,7 +162,7 @@ def main() -> None:
             resume = ["--resume"] if tuned.with_name(tuned.name + ".checkpoints").is_dir() else []
             curve = ["--eval-every", args.eval_every] if args.eval_every else []
             _hywia("finetune", "--model", str(pruned), *data, "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned),
-                   *RECOVERED[method], *curve, *resume, *grid.common)
+                   "--seed", str(args.seed), *RECOVERED[method], *curve, *resume, *grid.common)
         tune = json.loads((tuned / "hywia.json").read_text())["finetune"]
         label = "LoRA" if mode == "lora" else f"KD (hidden {args.kd_hidden})"
         grid.evaluate(f"{method} {ratio} {budget}", str(tuned), {
