@@ -121,7 +121,7 @@ def arguments(doc: str, results: Path) -> argparse.ArgumentParser:
     parser.add_argument("--windows-128", type=int, default=200)
     parser.add_argument("--windows-2048", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", help="evaluation dtype")
-    parser.add_argument("--device", default="cpu", help="where pruning and evaluation run (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="where pruning, recovery and evaluation run (cpu, cuda)")
     parser.add_argument("--work", type=Path, default=Path("runs") / "table1")
     parser.add_argument("--results", type=Path, default=results)
     return parser
@@ -162,7 +162,7 @@ def main() -> None:
             resume = ["--resume"] if tuned.with_name(tuned.name + ".checkpoints").is_dir() else []
             curve = ["--eval-every", args.eval_every] if args.eval_every else []
             _hywia("finetune", "--model", str(pruned), *data, "--dtype", "bfloat16", "--save-steps", "4", "--out", str(tuned),
-                   "--seed", str(args.seed), *RECOVERED[method], *curve, *resume, *grid.common)
+                   "--seed", str(args.seed), "--device", args.device, *RECOVERED[method], *curve, *resume, *grid.common)
         tune = json.loads((tuned / "hywia.json").read_text())["finetune"]
         label = "LoRA" if mode == "lora" else f"KD (hidden {args.kd_hidden})"
         grid.evaluate(f"{method} {ratio} {budget}", str(tuned), {
