@@ -77,9 +77,9 @@ def test_evidence_refit_weighs_each_split_as_the_reconstruction_builds_it(family
                                                          ("llama", 0, 0.5, "masked")])  # the last: refit lower, inside the noise
 def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed, ratio, winner, calib_ids, tmp_path):
     """Where the masked and the refit screen choose different shares, both are built by the walk (the masked one on a
-    copy) and the model that comes back, in place, is the masked screen's unless the refit one's judge loss is lower
+    shadow beside the model, one layer at a time, hywia.aside) and the model that comes back, in place, is the masked screen's unless the refit one's judge loss is lower
     by more than JUDGE_MARGIN standard errors of the per-window difference: the same weights as a prune with that
-    share fixed, whether it was built in place (refit kept) or on the copy (masked kept), and it saves and reloads as
+    share fixed, whether it was built in place (refit kept) or beside it and read back from disk (masked kept), and it saves and reloads as
     any pruned model does. The third case is the tie rule at work: the refit model's mean loss is lower, by less than
     the windows' noise, and the masked one is kept."""
     from hywia.io import load_model, save_model
@@ -163,3 +163,34 @@ def test_the_judge_keeps_the_incumbent_unless_the_other_wins_beyond_the_noise():
     assert kept == 0.25 and verdict["difference"] == pytest.approx(-0.01, abs=1e-6) and verdict["standard_error"] > 0.01 / JUDGE_MARGIN
     assert judged_share({0.25: incumbent, 0.5: incumbent + 0.05}, incumbent=0.25)[0] == 0.25
     assert judged_share({0.0: incumbent[:1], 0.1: incumbent[:1] - 1}, incumbent=0.0)[0] == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])
+def test_a_candidate_built_aside_leaves_the_model_dense_and_equals_one_built_in_place(family, calib_ids):
+    """hywia.aside: the incumbent of evidence-best is built on a shadow, one layer copied at a time and left on the
+    meta device once written to disk; the model stays dense meanwhile (bit for bit), the judge's losses read from the
+    riding windows equal those of the same prune built in place, and restoring makes the model that prune."""
+    from pathlib import Path
+
+    from hywia.aside import Aside
+    from hywia.grouping import find_groups
+    from hywia.reconstruct import obs_select, remove_and_refit
+    dense = tiny_model(family, seed=2)
+    model = copy.deepcopy(dense)
+    removed = [torch.tensor([1]) for _ in find_groups(model)]
+    aside = Aside(model, find_groups, judge_ids=calib_ids)
+    errors = remove_and_refit(model, None, [r.clone() for r in removed], calib_ids, 4, intercept=True, select=obs_select, aside=aside)
+    assert all(torch.equal(p, dense.state_dict()[n]) for n, p in model.state_dict().items())
+    assert aside.shadow.get_input_embeddings() is model.get_input_embeddings()
+    assert aside.copies and all(p.is_meta for layer in aside.copies.values() for p in layer.parameters())
+    in_place = copy.deepcopy(dense)
+    expected = remove_and_refit(in_place, find_groups(in_place), [r.clone() for r in removed], calib_ids, 4, intercept=True, select=obs_select)
+    assert errors == expected
+    assert torch.allclose(aside.losses(4), window_losses(in_place, calib_ids, 4), atol=1e-6)
+    folder = Path(aside.folder.name)
+    aside.restore()
+    assert not folder.exists()
+    assert model.state_dict().keys() == in_place.state_dict().keys()
+    assert all(torch.equal(p, in_place.state_dict()[n]) for n, p in model.state_dict().items())
+    assert model.config.hywia_layer_widths == in_place.config.hywia_layer_widths
+    assert torch.equal(model(calib_ids).logits, in_place(calib_ids).logits)

@@ -226,6 +226,8 @@ def _check_export(args: argparse.Namespace) -> None:
     from .export import TYPES
     _check_choice("format", args.format, ("gguf",))
     _check_choice("type", args.type, TYPES)
+    if args.pad_to < 1:
+        raise HywiaError(f"--pad-to {args.pad_to} must be at least 1 (1: FFN widths as pruned)")
     check_model_ref(args.model)
     out = Path(args.out).expanduser()
     if out.suffix != ".gguf":

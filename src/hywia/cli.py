@@ -82,7 +82,7 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "of each), evidence (the split with the lowest held-out calibration loss), evidence-refit (the same, each candidate "
                    "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and judged on windows "
                    "of their own: the refit one kept only if its loss is lower beyond the windows' noise; one more reconstruction "
-                   "walk, the model held twice) or the fraction of attention to remove "
+                   "walk, the incumbent built beside the model one layer at a time, hywia.aside) or the fraction of attention to remove "
                    "(default: evidence-best for hywia-adaptive, evidence with --reconstruct no; ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
@@ -152,6 +152,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="a hywia model folder (or a packaged name or .gguf file: the dense model)")
     x.add_argument("--format", default="gguf", help="gguf (the only format so far)")
     x.add_argument("--type", default="f16", help="f32, f16 (default), bf16, q8_0 or q4_0")
+    x.add_argument("--pad-to", type=int, default=32, help="pad every FFN width with zero channels to a multiple of N "
+                   "(default 32, the q8_0/q4_0 block: exact, and faster in llama.cpp; 1: widths as pruned)")
     x.add_argument("--out", required=True, help="the .gguf file to write (refused if it exists, unless --overwrite)")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", action="store_true")
@@ -349,7 +351,7 @@ def _export(args) -> dict:
     from .export import export_gguf
     from .io import load_model
     model, _ = load_model(args.model, "float32", "cpu")
-    return {"export": export_gguf(model, args.out, args.type, source=args.model, overwrite=args.overwrite)}
+    return {"export": export_gguf(model, args.out, args.type, source=args.model, overwrite=args.overwrite, pad_to=args.pad_to)}
 
 
 def _bench(args) -> dict:
@@ -361,6 +363,8 @@ def _print_text(result: dict) -> None:
     if "export" in result:
         done = result["export"]
         fallback = f"; {len(done['f16_fallback'])} matrices kept in f16 (rows not a multiple of 32)" if done["f16_fallback"] else ""
+        if done["padded_channels"]:
+            fallback += f"; FFN widths padded to multiples of {done['pad_to']} with {done['padded_channels']:,} zero channels (exact)"
         print(f"wrote {done['out']} ({done['bytes'] / 2**20:.1f} MiB, {done['type']}, llama.cpp architecture "
               f"{done['arch']}{'' if done['uniform'] else ', per-layer widths'}){fallback}")
         return

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from torch import nn
 
 from .errors import HywiaError
 from .finite import check_weights
-from .io import PACKAGED, check_output, clear_stale
+from .io import PACKAGED, check_output, clear_stale, joined_parts, parts_glob
 from .removal import layer_widths
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -112,9 +113,10 @@ def _source_gguf(reference: str, hops: int = 8) -> Path:
     its hywia.json names, followed back), else the model's own folder when its tokenizer.json is one the export converts."""
     path = Path(reference).expanduser()
     if reference in PACKAGED:
-        import importlib.metadata
         entry = PACKAGED[reference]
-        return entry.gguf_path(importlib.metadata.distribution(entry.distribution))
+        return entry.gguf_path(entry.check(reference))
+    if parts_glob(reference):
+        return joined_parts(reference)
     if path.suffix == ".gguf" and path.is_file():
         return path
     recipe = path / "hywia.json"
@@ -288,6 +290,24 @@ def _permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+_FFN = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)")
+
+
+def padded_ffn(gguf_name: str, value: torch.Tensor, ffn: list[int]) -> torch.Tensor:
+    """An FFN tensor with zero channels appended up to its layer's width in `ffn`: rows of gate/up (and their
+    biases), columns of down. A zero channel adds act(0) x 0 = 0 through a zero column: the output is unchanged."""
+    match = _FFN.fullmatch(gguf_name)
+    if match is None or (match[2] == "down" and match[3] == "bias"):
+        return value
+    dim = 1 if match[2] == "down" else 0
+    extra = ffn[int(match[1])] - value.shape[dim]
+    if extra <= 0:
+        return value
+    shape = list(value.shape)
+    shape[dim] = extra
+    return torch.cat([value, value.new_zeros(shape)], dim)
+
+
 def _encode(tensor: np.ndarray, kind: str):
     """(data, raw_dtype) of one tensor in `kind`; 1-D tensors stay f32, matrices that cannot be blocked stay f16."""
     import gguf
@@ -325,11 +345,13 @@ WIDTH_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_l
 
 
 def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: str | Path | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, pad_to: int = BLOCK) -> dict:
     """Write `model` (a loaded hywia model) as a GGUF file for llama.cpp; returns what was written.
 
     `source` is the model reference it came from (a hywia folder, a .gguf file or a packaged name), for the
-    tokenizer and the metadata the weights do not hold."""
+    tokenizer and the metadata the weights do not hold. Every FFN width is padded with zero channels up to a multiple
+    of `pad_to` (`padded_ffn`): exact, and what lets q8_0/q4_0 quantize the down projection and llama.cpp's kernels
+    run on whole blocks (1: the widths as pruned)."""
     import gguf
     if kind not in TYPES:
         raise HywiaError(f"unknown --type '{kind}': use {', '.join(TYPES)}")
@@ -338,7 +360,10 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     if target is None:
         raise HywiaError(f"GGUF export of '{config.model_type}' models is not supported: hywia exports "
                          f"{', '.join(sorted(TARGETS))} (llama.cpp has no architecture mapped for this family yet)")
-    heads, kv, ffn, head_dim = widths(model)
+    if pad_to < 1:
+        raise HywiaError(f"--pad-to {pad_to} must be at least 1 (1: no padding)")
+    heads, kv, pruned_ffn, head_dim = widths(model)
+    ffn = [-(-width // pad_to) * pad_to for width in pruned_ffn]
     uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
     arch = target.uniform if uniform else target.per_layer
     if arch is None:
@@ -369,7 +394,7 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
         gguf_name = name_map.get_name(name.removeprefix(target.prefix), try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise HywiaError(f"no llama.cpp name for tensor {name} of a {config.model_type} model; nothing was exported")
-        value = value.detach().float().cpu()
+        value = padded_ffn(gguf_name, value.detach().float().cpu(), ffn)
         if arch in NORM_ROPE and (".q_proj." in name or ".k_proj." in name):
             value = _permute(value, head_dim)
         if target.reorder is not None:
@@ -419,7 +444,8 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
         tmp.unlink(missing_ok=True)
         raise
     return {"out": str(out), "arch": arch, "type": kind, "uniform": uniform, "source_gguf": str(src_path),
-            "bytes": out.stat().st_size, "f16_fallback": fallback,
+            "bytes": out.stat().st_size, "f16_fallback": fallback, "pad_to": pad_to,
+            "padded_channels": sum(ffn) - sum(pruned_ffn),
             "widths": {"head_count": heads, "head_count_kv": kv, "feed_forward_length": ffn, "head_dim": head_dim}}
 
 

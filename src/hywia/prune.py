@@ -8,7 +8,6 @@ model; with `reconstruct`, removal happens layer by layer with the weights that 
 """
 from __future__ import annotations
 
-import copy
 import resource
 import time
 from collections.abc import Callable
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .aside import Aside
+from .costs import Costs
 from .allocate import allocate, check_ratio_and_scope, round_kept
 from .data import calibration_ids
 from .errors import HywiaError
@@ -205,7 +206,8 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     hywia.split, each candidate's groups removed and nothing refit), "evidence-refit" (with `reconstruct`: each
     candidate refit one-shot on the reconstruction draw, `hywia.reconstruct.refitted`, as the walk will build it),
     "evidence-best" (with `reconstruct`: both screens; where they disagree, both shares are built by the walk, the
-    masked screen's on a copy of the dense model, so it holds the model twice, and both are judged on a third draw
+    masked screen's beside the model, one layer at a time (`hywia.aside`: never a second model in memory, its pruned
+    layers kept on disk until the verdict), and both are judged on a third draw
     of `judge_samples` windows from `calib` (seed `seed` + JUDGE_SEED): the masked share is kept unless the refit one's
     loss is lower by more than `hywia.split.JUDGE_MARGIN` standard errors of the paired per-window difference, since
     two draws ranked built models 1-2% apart both ways, docs/reconstruction.md);
@@ -228,7 +230,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     `method_options` go to the criterion (for `hywia`: fusion="attention"|"fixed", alpha, fusion_dim).
     The report's `scores` holds the criterion's intermediate per-group scores (HyWIA: fine, coarse, alpha, fused).
     """
-    start = time.perf_counter()
+    start, costs = time.perf_counter(), Costs()
     method_options = {k: v for k, v in method_options.items() if v is not None}
     check_values(samples=samples, seq_len=seq_len, min_keep=min_keep, seed=seed, batch_size=batch_size, round_to=round_to,
                  reconstruct_samples=reconstruct_samples, judge_samples=judge_samples)
@@ -256,13 +258,15 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         ids, calib_record = calibration_ids(model, tokenizer, calib, samples, seq_len, seed, data_dir)
     if stats is not None and stats.seed != seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {seed}")
-    stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
-    moments = criterion.heldout is not None and criterion.heldout(method_options)
-    split_by_evidence = kind_split in SPLITS[1:] and attention_kind(sets) is not None
-    if moments or split_by_evidence:
-        heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
-        calib_record["heldout_seed"] = seed + HELDOUT_SEED
-    with torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
+    reused = stats is not None
+    with costs.stage("calibrate"):
+        stats = calibration_stats(model, sets, criterion, ids, seed, batch_size, compensate, stats, memory)
+        moments = criterion.heldout is not None and criterion.heldout(method_options)
+        split_by_evidence = kind_split in SPLITS[1:] and attention_kind(sets) is not None
+        if moments or split_by_evidence:
+            heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
+            calib_record["heldout_seed"] = seed + HELDOUT_SEED
+    with costs.stage("score"), torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
     for s, score in zip(sets, scores.per_set):
         check_tensor(score, f"the {method} scores of layer {s.layer} ({s.kind})", "the calibration statistics overflowed; "
@@ -270,57 +274,67 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
     means = {name: moments.mean for name, moments in stats.inputs.items()} if compensate else None
     allocation = lambda share: allocate(sets, scores.per_set, ratio, scope, min_keep, scores.layer_ratios, share)  # noqa: E731
     stored = [t for store in (stats.grad, stats.fisher) for t in dict.values(store)]
+    stats_mb = sum(t.numel() * t.element_size() for t in stored) / 2**20
+    if not reused:  # per-weight gradients and Fisher are spent once scored: free them before the walks
+        stats.grad.clear()
+        stats.fisher.clear()
+        del stored
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
-                   "reconstruct": reconstruct, "kind_split": kind_split, "memory": asdict(memory), "stats_mb": sum(t.numel() * t.element_size() for t in stored) / 2**20}
+                   "reconstruct": reconstruct, "kind_split": kind_split, "memory": asdict(memory), "stats_mb": stats_mb}
     share = None if kind_split in SPLITS else float(kind_split)
     select = criterion.select or (obs_select if reconstruct == "obs" else None)
     walk_ids = None
     if reconstruct:
         walk_ids, calib_record["reconstruct"] = calibration_ids(model, tokenizer, calib, reconstruct_samples, seq_len, seed, data_dir)
 
-    def build(pruned: nn.Module, share: float | None) -> tuple[list[torch.Tensor], dict | None]:
-        """Remove the allocation of `share` from `pruned` (the model, or a copy of it while it is still dense): the
-        groups removed (a selecting walk may have replaced them) and the walk's output errors, if it refit."""
-        own = sets if pruned is model else find_groups(pruned, target, layers, attention_unit)
+    def build(share: float | None, aside: Aside | None = None) -> tuple[list[torch.Tensor], dict | None]:
+        """Remove the allocation of `share` from the model (or build it beside the model, `aside`): the groups
+        removed (a selecting walk may have replaced them) and the walk's output errors, if it refit."""
+        own = sets if aside is None else aside.sets
         removed = round_kept(own, scores.per_set, allocation(share), round_to)
         if not reconstruct:
-            remove_groups(pruned, own, removed, means)
+            remove_groups(model, own, removed, means)
             return removed, None
-        return removed, remove_and_refit(pruned, own, removed, walk_ids, batch_size, intercept=compensate, select=select,
-                                         device=memory.device)
+        return removed, remove_and_refit(model, own, removed, walk_ids, batch_size, intercept=compensate, select=select,
+                                         device=memory.device, aside=aside)
 
     before_layer = {(s.layer, s.kind): s.count * s.params_per_group for s in sets}
     shares = [share]
     if split_by_evidence:
-        screens: dict[str, Callable | None] = {}
-        if kind_split in ("evidence", "evidence-best"):
-            screens["masked"] = None
-        if kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
-            inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
-            screens["refit"] = lambda gone: refitted(sets, gone, inputs, compensate, select)
-        screened = {}
-        for weighed, candidate in screens.items():
-            chosen, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size, candidate)
-            screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
-        shares = list(dict.fromkeys(s["attention_share"] for s in screened.values()))
-        extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
-        if len(screened) > 1:
-            extra["kind_split_evidence"]["screened"] = screened
+        with costs.stage("split"):
+            screens: dict[str, Callable | None] = {}
+            if kind_split in ("evidence", "evidence-best"):
+                screens["masked"] = None
+            if kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
+                inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
+                screens["refit"] = lambda gone: refitted(sets, gone, inputs, compensate, select)
+            screened = {}
+            for weighed, candidate in screens.items():
+                chosen, losses = choose_attention_share(allocation, model, sets, ratio, stats.heldout_ids, means, batch_size, candidate)
+                screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+            shares = list(dict.fromkeys(s["attention_share"] for s in screened.values()))
+            extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
+            if len(screened) > 1:
+                extra["kind_split_evidence"]["screened"] = screened
+            inputs = None
     if len(shares) == 2:  # evidence-best, the screens disagree: build both, judge them on a draw of their own
         judge_ids, calib_record["judge"] = calibration_ids(model, tokenizer, calib, judge_samples, seq_len, seed + JUDGE_SEED, data_dir)
         calib_record["judge"]["seed"] = seed + JUDGE_SEED
-        twin = copy.deepcopy(model)  # shares[0] is the masked screen's: the incumbent, built on the copy
-        results = {shares[0]: build(twin, shares[0]), shares[1]: build(model, shares[1])}
-        per_window = {shares[0]: window_losses(twin, judge_ids, batch_size), shares[1]: window_losses(model, judge_ids, batch_size)}
+        with costs.stage("build aside"):  # shares[0] is the masked screen's: the incumbent, built beside the model
+            aside = Aside(model, lambda m: find_groups(m, target, layers, attention_unit), judge_ids)
+            results = {shares[0]: build(shares[0], aside)}
+            per_window = {shares[0]: aside.losses(batch_size)}
+        with costs.stage("build"):
+            results[shares[1]] = build(shares[1])
+            per_window[shares[1]] = window_losses(model, judge_ids, batch_size)
         share, verdict = judged_share(per_window, incumbent=shares[0])
-        if share == shares[0]:  # the copy wins: it becomes the model (modules, config, everything a module holds)
-            model.__dict__.update(twin.__dict__)
-        del twin
+        aside.restore() if share == shares[0] else aside.close()  # the incumbent wins: its layers come back from disk
         extra["kind_split_evidence"].update(attention_share=share, judge=verdict,
-                                            judge_loss={s: losses.mean().item() for s, losses in per_window.items()})
+                                            judge_loss={s: losses.double().mean().item() for s, losses in per_window.items()})
     else:
         share = shares[0]
-        results = {share: build(model, share)}
+        with costs.stage("build"):
+            results = {share: build(share)}
     removed, errors = results[share]
     if errors is not None:
         extra["reconstruction_error"] = errors
@@ -338,5 +352,6 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
                          extra=extra, scores={name: {f"{s.layer}.{s.kind}": t for s, t in zip(sets, values)}
                                               for name, values in scores.details.items()})
     report.seconds = time.perf_counter() - start
-    report.peak_rss_mb = _peak_rss_mb()
+    report.peak_rss_mb = max(costs.peak_mb, _peak_rss_mb())
+    report.extra["stages"] = costs.stages
     return model, report

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import math
 
@@ -33,6 +34,9 @@ from .grouping import LayerGroups
 from .importance import Moments
 from .removal import remove_groups
 from .walk import walk_layers
+
+if TYPE_CHECKING:
+    from .aside import Aside
 
 PERCDAMP = 0.01  # SparseGPT's dampening: 1% of the mean diagonal of H
 
@@ -211,10 +215,13 @@ def _refit_reader(s: LayerGroups, removed: torch.Tensor, m: Moments, intercept: 
 
 def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[torch.Tensor], ids: torch.Tensor,
                      batch_size: int, intercept: bool, select: Select | None = None, damp: float = PERCDAMP,
-                     device: str | torch.device | None = None) -> dict[int, dict[str, dict[str, float]]]:
+                     device: str | torch.device | None = None, aside: Aside | None = None) -> dict[int, dict[str, dict[str, float]]]:
     """Remove `removed[i]` from `sets[i]` (in place: `select` may replace them by as many of its own choosing) layer
     by layer, refitting each reader on its inputs; with `intercept`, jointly with its bias. Returns per layer and
-    kind the relative squared output error of the readers on their calibration inputs, removed alone vs refit."""
+    kind the relative squared output error of the readers on their calibration inputs, removed alone vs refit.
+    With `aside` (hywia.aside), the model stays as it is: the candidate is built on the aside's shadow, layer by layer."""
+    if aside is not None:
+        model, sets = aside.shadow, aside.sets
     by_layer: dict[int, list[int]] = {}
     for i, s in enumerate(sets):
         by_layer.setdefault(s.layer, []).append(i)
@@ -238,5 +245,6 @@ def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[to
         remove_groups(model, [sets[i] for i in members], [removed[i] for i in members], shifts=shifts)
         return True
 
-    walk_layers(model, ids, set(moments), observe, after, batch_size=batch_size, device=device, desc="reconstruct")
+    hooks = {"before": aside.before, "finished": aside.finished, "passengers": aside.passengers} if aside is not None else {}
+    walk_layers(model, ids, set(moments), observe, after, batch_size=batch_size, device=device, desc="reconstruct", **hooks)
     return errors

@@ -11,7 +11,9 @@ differ per layer in Gemma 3's local/global attention) is captured from one forwa
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -62,20 +64,38 @@ def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
+@dataclass
+class Passengers:
+    """Windows that ride along a walk unobserved, through each layer as `after` left it: `ids` in, and once the walk
+    is done `hidden`, the last layer's outputs per batch (a tuple when the layers return tuples), for `replayed`."""
+
+    ids: torch.Tensor
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    tupled: bool = False
+
+
 def walk_layers(model: nn.Module, ids: torch.Tensor, names: set[str], observe: Callable[[str, torch.Tensor], None],
                 after: Callable[[int, nn.Module], bool] | None = None, batch_size: int = 1,
-                device: str | torch.device | None = None, desc: str = "layers") -> None:
+                device: str | torch.device | None = None, desc: str = "layers", passengers: Passengers | None = None,
+                before: Callable[[int], None] | None = None, finished: Callable[[int, nn.Module], None] | None = None) -> None:
     """Run `ids` through the decoder layer by layer; each Linear named in `names` shows its inputs to `observe`.
     `after(index, layer)` returns True if it changed the layer, which is then run again for the next layer's inputs.
-    With `device`, each layer is moved there for its turn and back afterwards (the rest of the model stays put)."""
+    With `device`, each layer is moved there for its turn and back afterwards (the rest of the model stays put).
+    `before(index)` may replace the layer before its turn (a walk over copies); `finished(index, layer)` sees it once
+    its outputs are computed; `passengers` go through every layer after `after`, observed by nobody."""
     path, layers = decoder_layers(model)
     hidden, kwargs = _capture(model, layers, ids, batch_size)
-    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", leave=False)):
+    riders, rider_kwargs = _capture(model, layers, passengers.ids, batch_size) if passengers is not None else ([], [[] for _ in layers])
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
+        if before is not None:
+            before(index)
+        layer = layers[index]
         home = next(layer.parameters()).device
         if device is not None:
             layer.to(device)
-            hidden = [h.to(device) for h in hidden]
+            hidden, riders = [h.to(device) for h in hidden], [h.to(device) for h in riders]
             kwargs[index] = [_moved(kw, device) for kw in kwargs[index]]
+            rider_kwargs[index] = [_moved(kw, device) for kw in rider_kwargs[index]]
         prefix = f"{path}.{index}."
         handles = [m.register_forward_pre_hook(lambda module, args, name=prefix + local: observe(name, args[0]))
                    for local, m in layer.named_modules() if prefix + local in names]
@@ -88,10 +108,44 @@ def walk_layers(model: nn.Module, ids: torch.Tensor, names: set[str], observe: C
         if after is not None and after(index, layer):
             with torch.no_grad():
                 outputs = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs[index])]
+        if passengers is not None:
+            with torch.no_grad():
+                results = [layer(h, **kw) for h, kw in zip(riders, rider_kwargs[index])]
+            passengers.tupled = any(isinstance(r, tuple) for r in results)
+            riders = [_output(r) for r in results]
+            rider_kwargs[index] = []
         hidden = outputs
         if device is not None:
             layer.to(home)
             kwargs[index] = []
+        if finished is not None:
+            finished(index, layer)
+    if passengers is not None:
+        passengers.hidden = riders
+
+
+@contextmanager
+def replayed(model: nn.Module, passengers: Passengers) -> Iterator[None]:
+    """Within the block, a forward pass of `passengers.ids` (batch by batch, in order, as the walk batched them)
+    skips the decoder layers and hands the final norm and LM head the hidden states a walk left in `passengers`:
+    the logits of a model that was built layer by layer and never held whole."""
+    _, layers = decoder_layers(model)
+    last = len(layers) - 1
+    batches = iter(passengers.hidden)
+
+    def skip(index: int) -> Callable:
+        def forward(hidden_states, *args, **kwargs):
+            out = next(batches).to(hidden_states.device, hidden_states.dtype) if index == last else hidden_states
+            return (out,) if passengers.tupled else out
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = skip(index)  # an instance attribute: nn.Module.__call__ calls it instead of the class's forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _moved(value, device):

@@ -1,0 +1,65 @@
+"""Seconds and peak memory of each stage of a run, recorded in hywia.json (`extra.stages`).
+
+A process's peak resident memory only grows, so a stage's own peak needs the peak reset at its start: Linux does
+that when "5" is written to /proc/self/clear_refs (the high-water mark VmHWM drops to the current RSS). Where that
+is not possible, each stage records the process's peak so far, and says so (`rss: "cumulative"`). On CUDA the
+allocator's peak is reset per stage as well.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _hwm_mb() -> float:
+    """The process's peak RSS since the last reset (VmHWM), or since it started (ru_maxrss) where /proc lacks it."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Costs:
+    """`with costs.stage("score"): ...` records the block's seconds and peak RSS (and CUDA peak) under its name."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+        self.peak_mb = _hwm_mb()  # what the process reached before the first stage (loading the model)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.peak_mb = max(self.peak_mb, _hwm_mb())
+        reset = _reset_hwm()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            record = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(_hwm_mb(), 1)}
+            if not reset:
+                record["rss"] = "cumulative"
+            if cuda:
+                record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.peak_mb = max(self.peak_mb, record["peak_rss_mb"])
+            self.stages[name] = record
