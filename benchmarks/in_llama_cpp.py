@@ -52,17 +52,12 @@ def llama(path: Path, threads: int):
 
 
 def llama_ppl(path: Path, windows: np.ndarray, threads: int) -> float:
-    llm = llama(path, threads)
-    nll, count = 0.0, 0
-    for window in windows:
-        llm.reset()
-        llm.eval(window.tolist())
-        logits = np.array(llm.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
-        count += len(window) - 1
-    return math.exp(nll / count)
+    """llama.cpp's perplexity of these windows: hywia.llama_cpp.window_nll, what `hywia eval ppl --backend llama.cpp` runs."""
+    import torch
+
+    from hywia.llama_cpp import window_nll
+    nll = window_nll(llama(path, threads), torch.as_tensor(windows)).sum().item()
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def llama_speed(path: Path, threads: int, prompt: list[int], new_tokens: int, repeats: int) -> dict:

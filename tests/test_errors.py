@@ -56,6 +56,16 @@ def world(tmp_path_factory):
     (root / "existing" / "user-file.txt").write_text("the user's work")
     (root / "afile").write_text("a file where a folder should be")
     (root / "adir").mkdir()
+    (root / "link").symlink_to(root / "existing", target_is_directory=True)
+    (root / "fake.parquet").write_text("PAR1 a text file named .parquet\n")
+    small = tiny_model()
+    small.resize_token_embeddings(200)  # the byte tokenizer has 256 bytes and its specials: more ids than rows
+    save_model(small, tok, root / "small_vocab", {"model": "tiny"})
+    _deci_gguf(root)
+    for name, options in RECIPES.items():
+        (root / "recipes" / name).mkdir(parents=True)
+        options = {k: str(root / "model") if v == "{model}" else v for k, v in options.items()}
+        (root / "recipes" / name / "hywia.json").write_text(json.dumps({"model": "tiny", "options": options, "extra": {}}))
     data = root / "data"
     words = ("the model prunes heads and channels while perplexity measures what was lost " * 60).split()
     lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
@@ -66,6 +76,21 @@ def world(tmp_path_factory):
     for name in ("ptb.valid.txt", "ptb.test.txt"):
         (data / "ptb" / name).write_text("\n".join(lines) + "\n")
     return root
+
+
+RECIPE = {"model": "{model}", "method": "l2", "ratio": 0.2, "samples": 2, "seq_len": 16}
+RECIPES = {"ratio out of range": {**RECIPE, "ratio": 1.5}, "ratio a word": {**RECIPE, "ratio": "abc"},
+           "unknown field": {**RECIPE, "colour": "blue"}, "structured": RECIPE}
+
+
+def _deci_gguf(root: Path) -> None:
+    """A model with per-layer widths exported as llama.cpp's deci architecture, which transformers cannot read."""
+    from hywia import prune
+    from hywia.export import export_gguf
+    tok = byte_tokenizer()
+    folder = save_model(tiny_model(), tok, root / "deci_source", {"model": "tiny"})
+    pruned, _ = prune(tiny_model(), method="l2", ratio=0.3, scope="global")
+    export_gguf(pruned, root / "deci.gguf", "f32", source=str(folder))
 
 
 def _save_unchecked(model, tokenizer, out: Path) -> None:
@@ -116,6 +141,11 @@ F = ["finetune", "--model", "{model}", "--out", "{new}", "--data", "{world}/inst
      "--batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "32"]
 B = ["bench", "speed", "--model", "{model}"]
 R = ["--ratio", "0.2"]
+
+
+def _recipe(name: str) -> list[str]:
+    return ["prune", "--recipe", f"{{world}}/recipes/{name}/hywia.json", "--out", "{new}", "--data-dir", "{data}"]
+
 
 CASES = {
     # ranges: nothing is loaded, 0 is a value, not "unset"
@@ -231,6 +261,27 @@ CASES = {
     "finetune teacher of another shape": (F + ["--teacher", "{world}/two_layers"], "the teacher's num_hidden_layers is 2"),
     "finetune eval-every without validation text": (F + ["--eval-every", "1", "--data-dir", "{world}/adir"],
                                                      "--eval-every wikitext2: its validation split is not in data dir"),
+    "finetune kd-temperature without a teacher": (F + ["--kd-temperature", "2"], "--kd-temperature sets distillation from a "
+                                                  "teacher, and this run has none: add --teacher"),
+    "finetune kd-hidden without a teacher": (F + ["--kd-hidden", "1"], "--kd-hidden sets distillation from a teacher"),
+    # what a message must not get wrong, and what must not wait for the work (issue 36)
+    "out is a symbolic link": (P + R + ["--out", "{world}/link", "--overwrite"], "is a symbolic link (to "),
+    "stats-device unknown": (P + R + ["--stats-device", "gpu0"], "unknown --stats-device 'gpu0'"),
+    "calib named .parquet, not Parquet": (P + R + ["--calib", "{world}/fake.parquet"], "fake.parquet is not a Parquet file"),
+    "recipe value out of range": (_recipe("ratio out of range"), "ratio out of range/hywia.json sets --ratio 1.5: --ratio 1.5 is out of range"),
+    "recipe value of the wrong type": (_recipe("ratio a word"), "ratio a word/hywia.json: field 'ratio' is \"abc\", not a number"),
+    "recipe unknown field": (_recipe("unknown field"), "unknown field 'colour' in options"),
+    "structured recipe, unstructured method": (_recipe("structured") + ["--method", "sparsegpt", "--sparsity", "0.5"],
+                                               "replays a structured prune (--method l2), and --method sparsegpt is an unstructured one"),
+    "eval a deci GGUF in transformers": (E[:3] + ["{world}/deci.gguf"] + E[4:], "llama.cpp's 'deci' architecture, which transformers cannot load"),
+    "eval llama.cpp backend on a folder": (E + ["--backend", "llama.cpp"], "--backend llama.cpp runs a .gguf file"),
+    "eval llama.cpp backend with a dtype": (E[:3] + ["{world}/deci.gguf"] + E[4:] + ["--backend", "llama.cpp", "--dtype", "bfloat16"],
+                                            "--dtype bfloat16 does not apply to --backend llama.cpp"),
+    "eval backend unknown": (E + ["--backend", "onnx"], "unknown --backend 'onnx'"),
+    "export tokenizer beyond the embedding": (["export", "--model", "{world}/small_vocab", "--out", "{new}.gguf"],
+                                              "beyond the model's 200 embedding rows"),
+    "export pad-to 0": (["export", "--model", "{world}/deci_source", "--out", "{new}.gguf", "--pad-to", "0"], "--pad-to 0 must be at least 1"),
+    "bench new-tokens 1": (B + ["--new-tokens", "1"], "--new-tokens 1 is out of range: give an integer with x >= 2"),
     # bench
     "bench batch sizes 0": (B + ["--batch-sizes", "0"], "--batch-sizes '0'"),
     "bench batch sizes words": (B + ["--batch-sizes", "a,b"], "--batch-sizes 'a,b'"),
@@ -240,11 +291,13 @@ if torch.cuda.is_available():
     del CASES["device unknown"]
 else:
     CASES["device cuda without CUDA"] = (P + R + ["--device", "cuda"], "no CUDA device is available here")
+    CASES["stats-device cuda without CUDA"] = (P + R + ["--stats-device", "cuda"], "--stats-device cuda: no CUDA device is available here")
 
 
 def _argv(template: list[str], world: Path, new: Path) -> list[str]:
     values = {"model": str(world / "model"), "data": str(world / "data"), "world": str(world), "new": str(new)}
     return [a.format(**values) if "{" in a else a for a in template]
+
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -311,6 +364,38 @@ def test_random_option_values_are_accepted_or_one_line(world):
                 assert e.code == 2, argv
                 lines = err.getvalue().strip().splitlines()
                 assert len(lines) == 1 and lines[0].startswith("hywia: error:"), (argv, lines)
+
+    check()
+    assert snapshot(world) == before
+
+
+def test_random_recipe_files_are_accepted_or_one_line(world, tmp_path):
+    """A hywia.json edited by hand (or by another tool) is an input like a command line: any field, any JSON value."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    names = [o.removeprefix("--").replace("-", "_") for o in PRUNE_OPTIONS] + ["model", "colour", "out", "recipe"]
+    json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=False), st.text(max_size=8),
+                            st.sampled_from(["l2", "element2", "sparsegpt", "0.2", "layer", "evidence", "yes", "obs"]),
+                            st.lists(st.integers(), max_size=2))
+    recipe = tmp_path / "hywia.json"
+    before = snapshot(world)
+
+    @hypothesis.settings(max_examples=200, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.dictionaries(st.sampled_from(names), json_values, max_size=6), st.booleans())
+    def check(options: dict, with_method: bool) -> None:
+        recipe.write_text(json.dumps({"model": "tiny", "options": {"model": str(world / "model"), **options}, "extra": {}}))
+        argv = ["prune", "--recipe", str(recipe), "--out", str(world / "hyp-out")] + (["--method", "wanda"] if with_method else [])
+        err = io.StringIO()
+        with redirect_stderr(err):
+            try:
+                cli.parse(argv)
+            except HywiaError as e:
+                assert "\n" not in str(e) and str(e), options
+            except SystemExit as e:
+                assert e.code == 2, options
+                lines = err.getvalue().strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("hywia: error:"), (options, lines)
 
     check()
     assert snapshot(world) == before

@@ -61,14 +61,20 @@ def _pruned(smollm2, tmp_path, scope: str):
 
 
 def _as_stored(model, kind: str):
-    """A copy of `model` holding the values a `kind` file holds (hywia.export.as_stored), for a like-for-like reference."""
+    """A copy of `model` holding the values a `kind` file holds (hywia.export.as_stored), for a like-for-like reference.
+    The export pads each down projection's columns with zeros to a multiple of 32, so it is quantized whole: so here."""
     import copy
-    from hywia.export import as_stored, output_kind
+    from hywia.export import BLOCK, as_stored, output_kind
     stored = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in stored.named_parameters():
             is_output = name == "lm_head.weight" or name.endswith("embed_tokens.weight")
-            p.copy_(torch.from_numpy(as_stored(p.numpy(), output_kind(kind) if is_output else kind)))
+            value = p.numpy()
+            if name.endswith("mlp.down_proj.weight"):
+                value = np.pad(value, ((0, 0), (0, -value.shape[1] % BLOCK)))
+            value = as_stored(value, output_kind(kind) if is_output else kind)[:, :p.shape[-1]] if value.ndim == 2 else \
+                as_stored(value, kind)
+            p.copy_(torch.from_numpy(value))
     return stored
 
 
@@ -104,7 +110,10 @@ def test_pruned_smollm2_runs_in_llama_cpp_with_transformers_logits(smollm2, tmp_
     q8 = _llama_cpp_logits(tmp_path / "q8.gguf", tokens)
     with torch.no_grad():  # the same q8_0 weights in PyTorch: what is left is llama.cpp's 8-bit activations
         stored = _as_stored(pruned, "q8_0")(input_ids=torch.tensor([tokens])).logits[0].numpy()
-    assert np.corrcoef(q8.flatten(), stored.flatten())[0, 1] > 0.95  # stated tolerance: measured 0.991 (layer), 0.975 (global)
+    # stated tolerance: measured 0.99 (layer) and 0.92 (global), with every down projection padded to whole q8_0 blocks and
+    # so quantized, activations included (an unpadded down projection stays f16: 0.991 and 0.975); this 30% l2 model is
+    # damaged (its perplexity is in the thousands), so its logits move with any rounding
+    assert np.corrcoef(q8.flatten(), stored.flatten())[0, 1] > (0.95 if scope == "layer" else 0.9)
 
 
 @pytest.mark.slow
@@ -139,8 +148,9 @@ def test_uniform_export_reloads_in_transformers_with_the_same_logits(smollm2, tm
     again, again_tokenizer = load_model(str(tmp_path / "u.gguf"))
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     assert again_tokenizer(PROMPT)["input_ids"] == ids[0].tolist()
-    with torch.no_grad():
-        assert torch.allclose(again(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=1e-4)
+    assert again.config.intermediate_size % 32 == 0 and again.config.intermediate_size - pruned.config.intermediate_size < 32
+    with torch.no_grad():  # zero channels pad the MLP to whole blocks: the same sums, in another order (1e-4 apart)
+        assert torch.allclose(again(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=5e-4)
 
 
 def _bpe_with_one_merge():
@@ -219,7 +229,8 @@ def test_the_default_method_with_its_refit_biases_matches_in_llama_cpp(family, c
     readers = [m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
     assert any(m.bias is not None for m in readers)  # refit biases where groups went (a reader that lost none has none)
     folder = save_model(model, _bpe_with_one_merge(), tmp_path / "m", {})
-    assert export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder))["arch"] == "deci"
+    # widths as pruned (pad_to=1): padded to 32, this tiny model's 48-channel MLPs would all be 64 wide, and uniform
+    assert export_gguf(model, tmp_path / "m.gguf", "f32", source=str(folder), pad_to=1)["arch"] == "deci"
     tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
@@ -252,3 +263,41 @@ def test_uniformly_pruned_gemma3_runs_in_llama_cpp_and_per_layer_widths_are_refu
     varied, _ = prune(copy.deepcopy(model), tokenizer, method="l2", ratio=0.3, scope="global", target="mlp")
     with pytest.raises(HywiaError, match="--scope layer"):
         export_gguf(varied, tmp_path / "v.gguf", "f32", source=str(folder))
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_eval_ppl_runs_the_deci_file_in_llama_cpp(kind, calib_ids, tmp_path, capsys):
+    """`hywia eval ppl --backend llama.cpp` measures the file itself: the default method's per-layer (deci) model, f32
+    or q8_0. It uses the file's own tokenizer and the protocol's windows; its figure equals what llama.cpp's logits give
+    on the windows transformers' tokenizer makes (hywia.llama_cpp.window_nll, what benchmarks/in_llama_cpp.py runs), and
+    in f32 it equals transformers' perplexity of the model the file came from."""
+    import math
+
+    from hywia.data import consecutive_windows, tokenize
+    from hywia.evaluate import perplexity
+    from hywia import llama_cpp
+    require(_has_llama_cpp(), "pip install llama-cpp-python (it builds llama.cpp from source)")
+    model, _ = prune(tiny_model(), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    tokenizer = _bpe_with_one_merge()
+    folder = save_model(model, tokenizer, tmp_path / "m", {})
+    assert export_gguf(model, tmp_path / "m.gguf", kind, source=str(folder), pad_to=1)["arch"] == "deci"
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the {w} of this text, {i} times" for i, w in enumerate(["word", "line", "theme"] * 30)) + "\n")
+    argv = ["eval", "ppl", "--model", str(tmp_path / "m.gguf"), "--backend", "llama.cpp", "--data", str(text), "--seq-len", "32",
+            "--max-windows", "6", "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)["ppl"][str(text)]
+    windows = consecutive_windows(tokenize(tokenizer, text.read_text()), 32, None, 6)
+    llm = llama_cpp.load(tmp_path / "m.gguf", 32)
+    expected = math.exp(llama_cpp.window_nll(llm, windows).sum().item() / (6 * 31))
+    assert got["windows"] == 6 and got["ppl"] == pytest.approx(expected, rel=1e-9)
+    if kind == "f32":
+        assert got["ppl"] == pytest.approx(perplexity(model, tokenizer, str(text), 32, 6).ppl, rel=1e-3)
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -11,6 +11,7 @@ import pytest
 
 from hywia import HywiaError
 from hywia.io import PACKAGED, check_model_ref, joined_parts
+from hywia.modes import umask
 from hywia.parts import Chunked, gguf_length, join, parts_of
 
 
@@ -50,14 +51,7 @@ def test_parts_join_in_numeric_order_into_the_cache_once(tmp_path, monkeypatch):
     before = joined.stat().st_mtime_ns
     assert joined_parts(pattern) == joined and joined.stat().st_mtime_ns == before  # joined once
     check_model_ref(pattern)  # a glob is a model reference
-    assert oct(joined.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    import os
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert oct(joined.stat().st_mode & 0o777) == oct(0o666 & ~umask())
 
 
 def test_a_missing_part_is_named(tmp_path):

@@ -47,23 +47,25 @@ def is_unstructured(method: str) -> bool:
     return method in SPARSIFIERS
 
 
-def check_device(device: str) -> None:
-    if device in ACCELERATE_MAPS:
+def check_device(device: str, option: str = "--device", maps: bool = True) -> None:
+    """A device this machine has (`maps`: or one of accelerate's placements, auto / balanced ...)."""
+    if maps and device in ACCELERATE_MAPS:
         return
+    placements = ", or auto / balanced" if maps else ""
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise HywiaError(f"unknown --device '{device}': use cpu, cuda, cuda:N, or auto / balanced") from None
+        raise HywiaError(f"unknown {option} '{device}': use cpu, cuda, cuda:N{placements}") from None
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise HywiaError(f"--device {device}: no CUDA device is available here; use --device cpu")
+            raise HywiaError(f"{option} {device}: no CUDA device is available here; use {option} cpu")
         if parsed.index is not None and parsed.index >= count:
-            raise HywiaError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            raise HywiaError(f"{option} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise HywiaError(f"--device {device}: MPS is not available here; use --device cpu")
+        raise HywiaError(f"{option} {device}: MPS is not available here; use {option} cpu")
     elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise HywiaError(f"--device {device}: hywia runs on cpu, cuda or mps")
+        raise HywiaError(f"{option} {device}: hywia runs on cpu, cuda or mps")
 
 
 PATH_OPTIONS = ("model", "out", "calib", "data", "data_dir", "checkpoint_dir", "teacher")
@@ -110,6 +112,14 @@ def _check_file(name: str, option: str) -> None:
             f.read(1)
     except OSError as e:
         raise HywiaError(f"cannot read {option} {name} ({e.strerror}); check its permissions") from None
+    if path.suffix == ".parquet":  # its footer, not its rows: milliseconds, and a file named .parquet that is not one is named now
+        import pyarrow
+        import pyarrow.parquet as pq
+        try:
+            pq.read_metadata(path)
+        except pyarrow.ArrowException as e:
+            raise HywiaError(f"{option} {name} is not a Parquet file ({str(e).splitlines()[0]}): give a real .parquet file, or "
+                             "name the file for what it holds (.txt, .jsonl)") from None
 
 
 def _common(args: argparse.Namespace) -> None:
@@ -164,6 +174,8 @@ def _check_prune(args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace) -> Memory:
+    if args.stats_device is not None:
+        check_device(args.stats_device, "--stats-device", maps=False)
     return Memory(args.layers_per_pass, args.stats_dtype, args.stats_device, args.checkpointing, args.sequential,
                   None if args.device in ACCELERATE_MAPS else args.device)
 
@@ -181,6 +193,12 @@ def _check_finetune(args: argparse.Namespace) -> None:
         _check_text(args.data, "--data", args.data_dir, ("train", "validation"))
     if args.teacher is not None:
         check_model_ref(args.teacher)
+    given = [flag(name) for name in ("kd_temperature", "kd_hidden") if getattr(args, name) is not None]
+    if given and args.teacher is None:
+        raise HywiaError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} distillation from a teacher, and this run has "
+                         "none: add --teacher DENSE (the model it was pruned from), or leave {'it' if len(given) == 1 else 'them'} out for plain LoRA")
+    args.kd_temperature = 1.0 if args.kd_temperature is None else args.kd_temperature
+    args.kd_hidden = 0.0 if args.kd_hidden is None else args.kd_hidden
     if args.eval_every is not None:
         _check_text("wikitext2", "--eval-every", args.data_dir, ("validation",))
     if args.checkpoint_dir is not None:
@@ -206,6 +224,28 @@ def _check_eval(args: argparse.Namespace) -> None:
     for name in args.data if args.eval_command == "ppl" else ["wikitext2", "ptb"] if args.ppl else []:
         _check_text(name, "--data", args.data_dir, ("test",))
     check_model_ref(args.model)
+    if args.eval_command == "ppl":
+        _check_backend(args)
+
+
+BACKENDS = ("transformers", "llama.cpp")
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """`eval ppl --backend llama.cpp` runs a GGUF file as it is: the options that pick how transformers computes are
+    refused rather than ignored, and so is a model that is no GGUF file."""
+    _check_choice("backend", args.backend, BACKENDS)
+    if args.backend != "llama.cpp":
+        return
+    from .llama_cpp import check_installed
+    if Path(args.model).expanduser().suffix != ".gguf":
+        raise HywiaError(f"--backend llama.cpp runs a .gguf file, and {args.model} is none: export one with `hywia export "
+                         f"--model {args.model} --type q8_0 --out model.gguf`, or use --backend transformers")
+    for option, default, why in (("dtype", "float32", "llama.cpp computes in the file's own types"),
+                                 ("device", "cpu", "llama.cpp runs where llama-cpp-python was built to run")):
+        if getattr(args, option) != default:
+            raise HywiaError(f"--{option} {getattr(args, option)} does not apply to --backend llama.cpp ({why}): leave it out")
+    check_installed()
 
 
 def _check_bench(args: argparse.Namespace) -> None:
@@ -233,6 +273,11 @@ def _check_export(args: argparse.Namespace) -> None:
     if out.suffix != ".gguf":
         raise HywiaError(f"--out {args.out} must name a .gguf file")
     check_output(out, args.overwrite, inputs=(args.model,), file=True)
+    from .export import source_gguf, check_tokenizer_fits
+    from .io import peek_config
+    config = peek_config(args.model)
+    if config is not None:  # the tokenizer against the embedding, before the weights are read
+        check_tokenizer_fits(source_gguf(args.model), config.vocab_size)
 
 
 COMMANDS = {"prune": _check_prune, "finetune": _check_finetune, "eval": _check_eval, "bench": _check_bench, "export": _check_export}
@@ -277,7 +322,8 @@ def check_config(args: argparse.Namespace, config) -> None:
                 from .export import check_exportable
                 scope = CRITERIA[args.method].scope if args.scope is None else args.scope
                 varies = scope != "layer" or bool(args.layers)
-                check_exportable(config.model_type, varies, args.model, heads_pruned=args.target != "mlp")  # stage 1 filled the default
+                check_exportable(config.model_type, varies, args.model, heads_pruned=args.target != "mlp",  # stage 1 filled the default
+                                 vocab_size=config.vocab_size)
             if args.layers is not None and layers:
                 parse_layers(args.layers, layers)
         if args.seq_len == UNSTRUCTURED_DEFAULTS["seq_len"] and is_unstructured(args.method) and context:

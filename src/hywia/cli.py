@@ -13,11 +13,13 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import HywiaError, Interrupted
@@ -126,8 +128,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "records, or plain text: a dataset name (c4, the default with --teacher) or a text file, cut into --cutoff-len windows")
     f.add_argument("--teacher", default=None, help="distil from this model (the dense model the student was pruned from; any "
                    "reference --model takes) instead of training on the data's next tokens")
-    f.add_argument("--kd-temperature", type=float, default=1.0, help="with --teacher: temperature of the logit KL (default 1)")
-    f.add_argument("--kd-hidden", type=float, default=0.0, help="with --teacher: weight of the hidden-state (residual stream) loss "
+    f.add_argument("--kd-temperature", type=float, default=None, help="with --teacher: temperature of the logit KL (default 1)")
+    f.add_argument("--kd-hidden", type=float, default=None, help="with --teacher: weight of the hidden-state (residual stream) loss "
                    "after every layer (default 0: logits only)")
     f.add_argument("--train", default="lora", help="what is trained: lora (default), norms+lora (LoRA and every normalisation "
                    "weight) or full (every weight)")
@@ -178,6 +180,8 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     _add_common(ppl)
     ppl.add_argument("--data", default=["wikitext2"], nargs="+",
                      help="wikitext2 (raw), wikitext2-tokens, ptb, c4 or text file paths (several allowed)")
+    ppl.add_argument("--backend", default="transformers", help="transformers (default) or llama.cpp: run a .gguf file in "
+                     "llama.cpp itself (llama-cpp-python), its own kernels and quantized types, as it will be deployed")
     _add_ppl_protocol(ppl)
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy on the paper's seven tasks (lm-evaluation-harness)")
     _add_common(zs)
@@ -209,15 +213,19 @@ def _is_main_process() -> bool:
 NOT_RECIPE = ("command", "out", "overwrite", "json", "debug", "recipe", "gguf")  # how a run is printed and where it goes
 
 
+def _recipe_path(argv: list[str]) -> Path | None:
+    if "prune" not in argv[:1] or "--recipe" not in argv or argv.index("--recipe") + 1 >= len(argv):
+        return None  # argparse itself says a missing value is missing
+    return Path(argv[argv.index("--recipe") + 1]).expanduser()
+
+
 def _recipe_defaults(argv: list[str]) -> dict:
     """For `prune --recipe FILE`: the options FILE recorded, to become the defaults of `prune`, so an option given on
-    the command line still wins."""
-    if "prune" not in argv[:1] or "--recipe" not in argv:
+    the command line still wins. Each field is checked here, naming the file and the field: an unknown field, or a
+    value of the wrong type or not among an option's choices."""
+    path = _recipe_path(argv)
+    if path is None:
         return {}
-    index = argv.index("--recipe")
-    if index + 1 >= len(argv):
-        return {}  # argparse itself says the value is missing
-    path = Path(argv[index + 1]).expanduser()
     try:
         recorded = json.loads(path.read_text())
         options = recorded["options"]
@@ -226,7 +234,57 @@ def _recipe_defaults(argv: list[str]) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise HywiaError(f"--recipe {path} is not a hywia.json with recorded options (models pruned before recipes were "
                          "recorded have none): give the hywia.json of a model this hywia pruned") from None
-    return {k: v for k, v in pinned(options, recorded).items() if k not in NOT_RECIPE}
+    if not isinstance(options, dict):
+        raise HywiaError(f"--recipe {path}: 'options' is not an object of option names and values; give a hywia.json hywia wrote")
+    actions = {a.dest: a for a in _subparser(_parser(), "prune")._actions}
+    for name, value in options.items():
+        action = actions.get(name)
+        if action is None or name in NOT_RECIPE:
+            raise HywiaError(f"--recipe {path}: unknown field '{name}' in options; remove it (prune's options are its flags, "
+                             "with - written as _)")
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        kind = "true or false" if switch else getattr(action.type, "__name__", "str") if action.type else "str"
+        kind = {"str": "a string", "int": "an integer", "float": "a number"}.get(kind, kind)
+        if switch:
+            fits = isinstance(value, bool)
+        elif value is None:
+            fits = True
+        elif isinstance(value, (bool, list, dict)):
+            fits = False
+        else:
+            try:
+                fits = action.type is None and isinstance(value, str) or action.type is not None and action.type(value) is not None
+            except (TypeError, ValueError):
+                fits = False
+        if not fits:
+            raise HywiaError(f"--recipe {path}: field '{name}' is {json.dumps(value)}, not {kind}; correct it or remove it")
+    # None is "left open": a field whose option has a default of its own takes that default
+    return {k: v for k, v in pinned(options, recorded).items() if k not in NOT_RECIPE and (v is not None or actions[k].default is None)}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    actions = parser._subparsers._group_actions  # argparse keeps its subparsers there; no public accessor exists
+    return next(a for a in actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The options the command line itself sets (values that differ from prune's defaults)."""
+    parser = _parser()
+    args, sub = parser.parse_args(argv), _subparser(parser, "prune")
+    return {name for name, value in vars(args).items() if value != sub.get_default(name)}
+
+
+@contextlib.contextmanager
+def _naming_recipe(path: Path, recipe: dict, given: set[str]) -> Iterator[None]:
+    """An error about an option the recipe set, not the command line, says so: `--recipe FILE sets --x: ...`."""
+    try:
+        yield
+    except HywiaError as e:
+        match = re.search(r"(?<![\w-])--([a-z][a-z0-9-]*)", str(e))
+        name = match[1].replace("-", "_") if match else None
+        if name in recipe and name not in given:
+            raise HywiaError(f"--recipe {path} sets --{match[1]} {recipe[name]}: {e}") from None
+        raise
 
 
 def pinned(options: dict, recorded: dict) -> dict:
@@ -333,6 +391,11 @@ def _eval(args) -> dict:
     from .evaluate import perplexity
     from .prune import count_params
 
+    if getattr(args, "backend", "transformers") == "llama.cpp":
+        from . import llama_cpp
+        return {"model": args.model, "backend": "llama.cpp", "params": gguf_params(args.model),
+                "ppl": {name: llama_cpp.perplexity(args.model, name, args.seq_len, args.max_windows, args.data_dir,
+                                                   args.protocol, args.bos).as_dict() for name in args.data}}
     model, tokenizer = _load_checked(args)
     result: dict = {"model": args.model, "params": count_params(model)}
     datasets = args.data if args.eval_command == "ppl" else (["wikitext2", "ptb"] if args.ppl else [])
@@ -352,6 +415,12 @@ def _export(args) -> dict:
     from .io import load_model
     model, _ = load_model(args.model, "float32", "cpu")
     return {"export": export_gguf(model, args.out, args.type, source=args.model, overwrite=args.overwrite, pad_to=args.pad_to)}
+
+
+def gguf_params(path: str) -> int:
+    """Parameters a GGUF file holds (every tensor but llama.cpp's RoPE factors), as count_params counts a model's."""
+    import gguf
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors if t.name != "rope_freqs.weight")
 
 
 def _bench(args) -> dict:
@@ -414,10 +483,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parsed and checked arguments (stage 1 of hywia.checks: nothing is loaded). A bad value raises HywiaError
     (SystemExit(2) for what argparse itself refuses), with a one-line message."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser(_recipe_defaults(argv)).parse_args(argv)
+    recipe = _recipe_defaults(argv)
+    args = _parser(recipe).parse_args(argv)
     from . import methods  # noqa: F401  (registers every method the checks name)
-    from .checks import check_args
-    check_args(args)
+    from .checks import check_args, is_unstructured
+    if not recipe:
+        check_args(args)
+        return args
+    given = _given(argv)
+    replayed = recipe.get("method", args.method)
+    if "method" in given and is_unstructured(args.method) != is_unstructured(replayed):
+        kind = lambda method: "an unstructured" if is_unstructured(method) else "a structured"  # noqa: E731
+        raise HywiaError(f"--recipe {_recipe_path(argv)} replays {kind(replayed)} prune (--method {replayed}), and --method "
+                         f"{args.method} is {kind(args.method)} one: leave out --recipe to prune with {args.method}, or leave out "
+                         "--method to replay the recipe")
+    with _naming_recipe(_recipe_path(argv), recipe, given):
+        check_args(args)
     return args
 
 

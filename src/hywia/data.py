@@ -99,9 +99,17 @@ def _read_rows(path: Path, field: str) -> list[str]:
 def _parse_rows(path: Path, field: str) -> list[str]:
     suffixes = "".join(path.suffixes[-2:])
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except pyarrow.ArrowException as e:
+            raise HywiaError(f"{path} is not a Parquet file ({str(e).splitlines()[0]}): give a real .parquet file, or name the "
+                             "file for what it holds (.txt, .jsonl)") from None
         column = field if field in table.column_names else "text"
+        if column not in table.column_names:
+            raise HywiaError(f"{path} has no '{column}' column (it has: {', '.join(table.column_names) or 'none'}); give it a "
+                             f"'{column}' column")
         return [str(x) for x in table.column(column).to_pylist()]
     if path.suffix in (".jsonl", ".json") or suffixes.endswith(".json.gz"):
         import gzip

@@ -15,6 +15,7 @@ window predicts `seq_len - 1` tokens. `max_windows` keeps the first N windows: a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,8 +52,9 @@ class Perplexity:
                 f"{', BOS first' if self.bos else ''}; {self.source})")
 
 
-def resolve_seq_len(model, protocol: str | None, seq_len: int | None) -> tuple[int, str]:
-    """The window length and the protocol's name: an explicit `seq_len` wins and is reported as `custom`."""
+def resolve_seq_len(context: int | None, protocol: str | None, seq_len: int | None) -> tuple[int, str]:
+    """The window length and the protocol's name: an explicit `seq_len` wins and is reported as `custom`; a protocol's
+    length is cut to the model's `context` (its trained context length) when shorter."""
     if seq_len is not None:
         if seq_len < 2:
             raise HywiaError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens")
@@ -60,8 +62,20 @@ def resolve_seq_len(model, protocol: str | None, seq_len: int | None) -> tuple[i
     protocol = protocol or "llm-pruner"
     if protocol not in PROTOCOLS:
         raise HywiaError(f"unknown protocol '{protocol}': use {', '.join(PROTOCOLS)} (or give --seq-len)")
-    context = getattr(model.config, "max_position_embeddings", None) or PROTOCOLS[protocol]
-    return min(PROTOCOLS[protocol], context), protocol
+    return min(PROTOCOLS[protocol], context or PROTOCOLS[protocol]), protocol
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What perplexity needs of a model, whatever runs it (transformers here, llama.cpp in hywia.llama_cpp): the summed
+    next-token NLL of each window [n, seq_len] -> [n] (float64), the text's token ids, the BOS the tokenizer puts first
+    (None if it puts none), its BOS token (for --bos yes) and the trained context length."""
+
+    window_nll: Callable[[torch.Tensor], torch.Tensor]
+    tokenize: Callable[[str], torch.Tensor]
+    bos_first: int | None
+    bos_token: int | None
+    context: int | None
 
 
 @torch.no_grad()
@@ -88,23 +102,36 @@ def perplexity(model, tokenizer, data: str = "wikitext2", seq_len: int | None = 
 
     `bos`: "auto" follows the tokenizer (see `hywia.data`); "yes"/"no" force BOS-first windows on or off, to
     reproduce another paper's protocol or to measure what BOS is worth."""
-    check_values(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    check_values(batch_size=batch_size)
+
+    def scored(windows: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return window_nll(model, windows, batch_size)
+        finally:
+            model.train(was_training)
+
+    scorer = Scorer(scored, lambda text: tokenize(tokenizer, text), bos_id(tokenizer), tokenizer.bos_token_id,
+                    getattr(model.config, "max_position_embeddings", None))
+    return text_perplexity(scorer, data, seq_len, max_windows, data_dir, protocol, bos)
+
+
+def text_perplexity(scorer: Scorer, data: str, seq_len: int | None, max_windows: int | None, data_dir: str | None,
+                    protocol: str | None, bos: str) -> Perplexity:
+    """The protocol itself, for any `scorer`: the windows of the test text, their NLL, and the checks on both."""
+    check_values(seq_len=seq_len, max_windows=max_windows)
     if bos not in BOS_CHOICES:
         raise HywiaError(f"unknown --bos '{bos}': use {', '.join(BOS_CHOICES)}")
-    seq_len, protocol = resolve_seq_len(model, protocol, seq_len)
+    seq_len, protocol = resolve_seq_len(scorer.context, protocol, seq_len)
     text = load_text(data, "test", data_dir)
-    if bos == "yes" and tokenizer.bos_token_id is None:
+    if bos == "yes" and scorer.bos_token is None:
         raise HywiaError("--bos yes: this tokenizer has no BOS token; use --bos auto or no")
-    bos = {"auto": bos_id(tokenizer), "yes": tokenizer.bos_token_id, "no": None}[bos]
-    windows = consecutive_windows(tokenize(tokenizer, text.text), seq_len, bos, max_windows)
+    bos = {"auto": scorer.bos_first, "yes": scorer.bos_token, "no": None}[bos]
+    windows = consecutive_windows(scorer.tokenize(text.text), seq_len, bos, max_windows)
     if len(windows) == 0:
         raise HywiaError(f"{data} has fewer tokens than one --seq-len {seq_len} window")
-    was_training = model.training
-    model.eval()
-    try:
-        per_window = window_nll(model, windows, batch_size)
-    finally:
-        model.train(was_training)
+    per_window = scorer.window_nll(windows)
     bad = (~torch.isfinite(per_window)).nonzero().flatten()
     if len(bad):
         first = bad[0].item()

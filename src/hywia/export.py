@@ -43,6 +43,7 @@ from torch import nn
 from .errors import HywiaError
 from .finite import check_weights
 from .io import PACKAGED, check_output, clear_stale, joined_parts, parts_glob
+from .modes import as_user_file
 from .removal import layer_widths
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -108,7 +109,7 @@ UNIFORM_OPTIONS = "--scope layer (the same widths in every layer)"
 MLP_ONLY_OPTIONS = "--target mlp --scope layer (uniform MLP widths, every head kept)"
 
 
-def _source_gguf(reference: str, hops: int = 8) -> Path:
+def source_gguf(reference: str, hops: int = 8) -> Path:
     """Where the tokenizer and metadata come from: the GGUF file a model came from (itself, its packaged file, or what
     its hywia.json names, followed back), else the model's own folder when its tokenizer.json is one the export converts."""
     path = Path(reference).expanduser()
@@ -124,7 +125,7 @@ def _source_gguf(reference: str, hops: int = 8) -> Path:
         origin = json.loads(recipe.read_text()).get("model")
         if origin and Path(origin).expanduser().resolve() != path.resolve():
             with contextlib.suppress(HywiaError):
-                return _source_gguf(origin, hops - 1)
+                return source_gguf(origin, hops - 1)
     if _bpe_tokenizer(path) is not None or _spm_tokenizer(path) is not None:
         return path
     raise HywiaError(f"{reference} neither comes from a GGUF file nor holds a BPE tokenizer.json (byte-level, or "
@@ -149,6 +150,19 @@ def _spm_tokenizer(folder: Path) -> dict | None:
     model = data.get("model", {})
     spm = model.get("type") == "BPE" and model.get("byte_fallback") and (data.get("decoder") or {}).get("type") == "Sequence"
     return data if spm else None
+
+
+def check_tokenizer_fits(source: Path, vocab_size: int) -> None:
+    """A tokenizer.json with ids beyond the embedding's rows would be cut to fit, and its last tokens lost: refused."""
+    if source.suffix == ".gguf" or not (source / "tokenizer.json").is_file():
+        return
+    data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = [*data.get("model", {}).get("vocab", {}).values(), *(t["id"] for t in data.get("added_tokens", []))]
+    top = max((i for i in ids if isinstance(i, int)), default=-1)
+    if top >= vocab_size:
+        raise HywiaError(f"the tokenizer in {source} has ids up to {top}, beyond the model's {vocab_size} embedding rows, and "
+                         "llama.cpp would read its last tokens as missing: resize the model's embeddings to the tokenizer "
+                         "(model.resize_token_embeddings(len(tokenizer))) and save it again; nothing was exported")
 
 
 def _spm_metadata(writer, folder: Path, vocab_size: int) -> None:
@@ -242,7 +256,8 @@ def _rope_freqs(config, head_dim: int) -> np.ndarray | None:
     return factors.astype(np.float32)
 
 
-def check_exportable(model_type: str, per_layer_widths: bool, source: str, heads_pruned: bool = False) -> None:
+def check_exportable(model_type: str, per_layer_widths: bool, source: str, heads_pruned: bool = False,
+                     vocab_size: int | None = None) -> None:
     """Before a prune that ends in an export: the family maps onto llama.cpp (per layer too, if the run may give
     layers different widths; with pruned heads, if the run prunes attention), and the source's tokenizer can be
     carried over."""
@@ -255,7 +270,9 @@ def check_exportable(model_type: str, per_layer_widths: bool, source: str, heads
     if per_layer_widths and target.per_layer is None:
         raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer: "
                          f"to export, prune with {MLP_ONLY_OPTIONS if target.heads_fixed else UNIFORM_OPTIONS} over all layers")
-    _source_gguf(source)
+    found = source_gguf(source)
+    if vocab_size is not None:
+        check_tokenizer_fits(found, vocab_size)
 
 
 def widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
@@ -375,7 +392,8 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     check_weights(model, "nothing was exported")
     if source is None:
         raise HywiaError("export needs the model's source (its folder, .gguf file or packaged name) for the tokenizer")
-    src_path = _source_gguf(str(source))
+    src_path = source_gguf(str(source))
+    check_tokenizer_fits(src_path, config.vocab_size)
     reader = gguf.GGUFReader(src_path) if src_path.suffix == ".gguf" else None
     src_arch = reader.fields["general.architecture"].contents() if reader is not None else target.uniform
     if reader is None:
@@ -439,6 +457,7 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        as_user_file(tmp)  # mkstemp makes 0600
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

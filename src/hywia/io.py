@@ -39,6 +39,7 @@ from .card import model_card
 from .data import hub_reachable
 from .errors import HywiaError
 from .finite import check_weights
+from .modes import as_user_folder
 from .parts import Chunked, join, joined_name, parts_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -288,6 +289,7 @@ def peek_config(name: str):
         elif parts_glob(name):
             path = joined_parts(name)
         if path.suffix == ".gguf":
+            check_gguf_architecture(path)
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         raw = path / "config.json"
         if raw.is_file() and json.loads(raw.read_text()).get("model_type") in CONVERTED:
@@ -296,6 +298,18 @@ def peek_config(name: str):
             raise HywiaError(f"'{name}' is no local path, and the Hugging Face hub is not reachable to look it up as a hub id; "
                              f"pass {REFERENCES}")
         return AutoConfig.from_pretrained(str(path) if path.exists() else name)
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """A GGUF file of an architecture transformers has no model for (llama.cpp's `deci`, which hywia writes for
+    per-layer widths) is named with what reads it, before transformers fails on it with a message about old versions."""
+    import gguf
+    from transformers import CONFIG_MAPPING
+    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch is not None and arch not in CONFIG_MAPPING:
+        raise HywiaError(f"{path} is a GGUF file of llama.cpp's '{arch}' architecture, which transformers cannot load: measure it "
+                         "with `hywia eval ppl --backend llama.cpp`, or use the model folder it was exported from")
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
@@ -356,6 +370,9 @@ def check_output(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...
     """Refuse an output (a folder, or a `file`) that exists (unless `overwrite`), that is one of the run's `inputs`,
     or that cannot be created, before any work is done, so a mistake costs nothing."""
     out = Path(out).expanduser()
+    if out.is_symlink():  # a rename would replace the link, not what it points at, and leave the target as it was
+        raise HywiaError(f"output {out} is a symbolic link (to {os.readlink(out)}); hywia replaces outputs by renaming, which "
+                         "would replace the link, not its target: pass the target itself as --out, or remove the link")
     if out.exists() and not overwrite:
         raise HywiaError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and out.is_dir() == file:
@@ -482,6 +499,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(out, ""), suffix=".tmp", dir=out.parent))
         try:
+            as_user_folder(tmp)  # mkdtemp makes 0700
             yield tmp
             with deferred_signals():
                 check_output(out, overwrite)  # a folder someone made meanwhile is not replaced without --overwrite

@@ -90,7 +90,7 @@ RANGES: dict[str, Range] = {
     "kd_hidden": Range(0, what="the weight of the hidden-state distillation loss"),
     # bench
     "prompt_len": _count("prompt tokens"),
-    "new_tokens": _count("generated tokens"),
+    "new_tokens": _count("generated tokens: the first comes from the prefill, decode speed needs at least one more", 2),
     "repeats": _count("timed repeats"),
 }
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HywiaError
+from .modes import as_user_file
 
 GGUF_MAGIC = b"GGUF"
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last number in a file name is its part number
@@ -121,18 +122,12 @@ def join(parts: list[Path], out: Path, size: int | None = None) -> Path:
         if needed > total:
             raise HywiaError(f"the joined parts hold {total:,} bytes where the GGUF header lays out {needed:,}: a part is "
                              "truncated or missing; reinstall the parts")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a joined model is shared like any file
+        as_user_file(tmp)  # mkstemp makes 0600
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def joined_name(parts: list[Path]) -> str:

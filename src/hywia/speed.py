@@ -2,9 +2,10 @@
 
 For each model and batch size the same prompt (`prompt_len` token ids, seeded) is run through:
 - prefill: one forward pass over the prompt; throughput = batch * prompt_len / time;
-- decode: `new_tokens` greedy steps with the KV cache (`generate` with min = max new tokens, so every run decodes
-  the same count); decode time = generate time - prefill time; latency per token = decode time / new_tokens;
-  throughput = batch * new_tokens / decode time.
+- decode: `new_tokens` greedy tokens with the KV cache (`generate` with min = max new tokens, so every run decodes
+  the same count). The first token comes from the prefill's logits, so generating N tokens is the prefill plus N - 1
+  single-token steps: decode time = generate time - prefill time; latency per token = decode time / (N - 1);
+  throughput = batch * (N - 1) / decode time (hence N >= 2).
 Each figure is the median of `repeats` runs after one warm-up run, and the first model is measured once untimed
 before anything is timed (a cold first model reads 20-30% slow on the development machine). Peak memory is the device's peak allocation on
 CUDA, and on CPU the process's peak resident set (Linux VmHWM, reset before each model), weights included.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import HywiaError
+from .options import check_values
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,9 @@ def _timed(fn, device: torch.device) -> float:
 def measure(model, name: str, batch_size: int, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
             seed: int = 0) -> SpeedRow:
     """Prefill and decode speed of `model` on a seeded random prompt [batch_size, prompt_len]."""
-    if batch_size < 1 or prompt_len < 1 or new_tokens < 1 or repeats < 1:
-        raise HywiaError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
+    check_values(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    if batch_size < 1:
+        raise HywiaError("--batch-sizes must be positive")
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -108,9 +111,12 @@ def measure(model, name: str, batch_size: int, prompt_len: int = 128, new_tokens
             prefill.append(p)
             generate.append(g)
     p, g = statistics.median(prefill), statistics.median(generate)
-    decode = max(g - p, 1e-9)
+    steps, decode = new_tokens - 1, g - p
+    if decode <= 0:
+        raise HywiaError(f"{name}: {steps} decode steps took no measurable time beyond the prefill ({g:.4f} s against {p:.4f} s); "
+                         "measure more --new-tokens")
     return SpeedRow(name, sum(t.numel() for t in model.parameters()), file_mb(name), batch_size, prompt_len, new_tokens,
-                    batch_size * prompt_len / p, batch_size * new_tokens / decode, 1000 * decode / new_tokens,
+                    batch_size * prompt_len / p, batch_size * steps / decode, 1000 * decode / steps,
                     _peak_mb(device), str(device), str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
