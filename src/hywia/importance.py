@@ -187,12 +187,23 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     for name, p in params.items():
         p.requires_grad_(name in param_names)
         p.grad = None
-    step = 1 if fisher else batch_size
+    step, n = (1 if fisher else batch_size), len(samples)
     grad = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names}
     squares = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names} if fisher else {}
+
+    def add(name: str) -> None:
+        g = params[name].grad.float()
+        grad[name] += g
+        if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
+            squares[name] += (g * n).square() / n
+        params[name].grad = None
+
+    # Each weight's gradient is added to the statistics (and freed) the moment backward has it, so only one weight's
+    # gradient exists at a time instead of every prunable weight's; per-sample criteria need them all at once.
+    hooks = [] if per_sample is not None else [params[name].register_post_accumulate_grad_hook(lambda p, name=name: add(name))
+                                               for name in param_names]
     try:
         with checkpointed(model, memory.checkpointing):
-            n = len(samples)
             for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
                 batch = samples[start:start + step].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (len(batch) / n)
@@ -200,13 +211,11 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
                 if per_sample is not None:
                     for key, value in per_sample({name: params[name].grad for name in param_names}, float(n)).items():
                         stats.samples.setdefault(key, Moments()).add(value[None])
-                for name in param_names:
-                    g = params[name].grad.float()
-                    grad[name] += g
-                    if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
-                        squares[name] += (g * n).square() / n
-                    params[name].grad = None
+                    for name in param_names:
+                        add(name)
     finally:
+        for hook in hooks:
+            hook.remove()
         for name, p in params.items():
             p.requires_grad_(saved_flags[name])
             p.grad = None

@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .aside import Aside
-from .costs import Costs
+from .costs import Costs, release_memory
 from .allocate import allocate, check_ratio_and_scope, round_kept
 from .data import calibration_ids
 from .errors import HywiaError
@@ -279,6 +279,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         stats.grad.clear()
         stats.fisher.clear()
         del stored
+        release_memory()
     extra: dict = {"options": method_options, "round_to": round_to, "attention_unit": attention_unit, "compensate": compensate,
                    "reconstruct": reconstruct, "kind_split": kind_split, "memory": asdict(memory), "stats_mb": stats_mb}
     share = None if kind_split in SPLITS else float(kind_split)
