@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--types", default="f16,q8_0,q4_0")
     parser.add_argument("--work", type=Path, default=Path("runs") / "llama_cpp")
     parser.add_argument("--pause-group", type=int, default=None)
+    parser.add_argument("--pad-to", type=int, default=32, help="hywia export --pad-to: FFN widths padded with zero channels "
+                        "to a multiple of N (32, the default export; 1: the widths as pruned)")
+    parser.add_argument("--models", default=",".join(MODELS), help="which pruned models (comma-separated names; dense always)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "llama_cpp.jsonl")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,7 @@ def main() -> None:
     prompt = windows[0].tolist()
 
     folders = {"dense": args.model}
-    for name, flags in MODELS.items():
+    for name, flags in ((n, MODELS[n]) for n in args.models.split(",") if n):
         out = args.work / name.replace(" ", "-").replace("%", "").replace("(", "").replace(")", "")
         if not out.is_dir():
             _hywia("prune", "--model", args.model, *flags, "--data-dir", args.data_dir, "--out", str(out))
@@ -122,12 +125,13 @@ def main() -> None:
                         "--data-dir", args.data_dir)
         row = {"name": name, "params": params["params"], "transformers_ppl": params["ppl"]["wikitext2"]["ppl"],
                "windows": args.windows, "threads": args.threads, "machine": machine(), "run": run,
-               "prompt_tokens": len(prompt), "new_tokens": args.new_tokens}
+               "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "pad_to": args.pad_to}
         for kind in ["f32", *args.types.split(",")]:
-            path = args.work / f"{Path(folder).name}.{kind}.gguf"
-            if not path.is_file():
-                done = _hywia("export", "--model", folder, "--type", kind, "--out", str(path))["export"]
-                row["arch"] = done["arch"]
+            path = args.work / f"{Path(folder).name}.{kind}{'' if args.pad_to == 1 else f'.pad{args.pad_to}'}.gguf"
+            done = None if path.is_file() else _hywia("export", "--model", folder, "--type", kind, "--out", str(path),
+                                                      "--pad-to", str(args.pad_to))["export"]
+            if done is not None:
+                row["arch"], row["padded_channels"] = done["arch"], done["padded_channels"]
             row[f"{kind}_mib"] = path.stat().st_size / 2**20
             row[f"{kind}_ppl"] = llama_ppl(path, windows, args.threads)
             if kind != "f32":

@@ -1,6 +1,9 @@
 """Wall time and peak memory of `hywia prune` per method on the packaged SmolLM2-135M, one process per run.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py
+    # the cost table across sizes (issue 35): the methods compared there, at both ratios, on each model
+    HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --model qwen2.5-coder-0.5b \
+        --methods hywia-adaptive,slimgpt,element2,flap --ratios 0.2,0.5 --results benchmarks/results/cost_by_size.jsonl
 
 Run it on an otherwise idle machine: timings are what this reports. "prune s" is scoring + allocation + removal
 (gradient passes included, model loading excluded); "peak RSS" is the whole process's maximum resident memory,
@@ -21,9 +24,13 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prune_cost.jsonl")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every method, and 50-window rows)")
+    parser.add_argument("--ratios", default="0.2,0.5")
     args = parser.parse_args()
-    rows = [Row(args.model, m, r) for r in (0.2, 0.5) for m in METHODS]
-    rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp", "flap")]
+    methods = args.methods.split(",") if args.methods else METHODS
+    rows = [Row(args.model, m, float(r)) for r in args.ratios.split(",") for m in methods]
+    if args.methods is None:
+        rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp", "flap")]
     done = {json.dumps(json.loads(line)["row"], sort_keys=True) for line in args.results.read_text().splitlines()} \
         if args.results.exists() else set()
     print("| method | ratio | samples | prune s | load s | peak RSS MB |\n|---|---|---|---|---|---|")

@@ -206,6 +206,7 @@ CASES = {
     "calib file missing": (P + R + ["--calib", "/no/such/file.txt"], "unknown dataset '/no/such/file.txt'"),
     "calib folder": (P + R + ["--calib", "{world}/adir"], "is a folder"),
     "data dir missing": (P + R + ["--data-dir", "/no/such/dir"], "data dir /no/such/dir does not exist"),
+    "data dir is a file": (P + R + ["--data-dir", "{world}/afile"], "afile is a file, not a folder"),
     "calib split not in the data dir": (P + R + ["--calib", "c4"], "--calib c4: its train or validation split is not in data dir"),
     "out exists": (P + R + ["--out", "{world}/existing"], "already exists; pass --overwrite"),
     "out under a file": (P + R + ["--out", "{world}/afile/pruned"], "is a file, not a folder"),

@@ -150,3 +150,29 @@ def test_device_map_over_two_gpus_prunes_and_runs(tmp_path, tokenizer, calib_ids
     pruned, _ = prune(model, method="element2", ratio=0.3, calib=calib_ids)
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=calib_ids[:1].to(pruned.device)).logits).all()
+
+
+def test_spilled_second_moments_equal_the_ones_kept_in_memory(calib_ids, tmp_path):
+    """Full input second moments (the evidence fusion's held-out draw, the refit screen's readers) grow as layers x
+    width^2; spilled, each layer's go to disk as the walk leaves it, and read back they are the same numbers."""
+    from hywia.reconstruct import reader_moments
+    model = tiny_model("llama")
+    readers = {s.reader.name for s in find_groups(model)}
+    kept = collect_inputs(model, calib_ids, readers, 2, outer=True)
+    spilled = collect_inputs(model, calib_ids, readers, 2, outer=True, spill=tmp_path)
+    assert all(isinstance(m.cross, type(tmp_path)) for m in spilled.values()) and len(list(tmp_path.iterdir())) == len(readers)
+    for name in readers:
+        assert torch.allclose(spilled[name].full(), kept[name].cross, rtol=1e-12)
+        assert torch.allclose(spilled[name].second_moment, kept[name].second_moment, rtol=1e-12)
+    sets = find_groups(model)
+    (tmp_path / "walk").mkdir()
+    walked = reader_moments(model, sets, calib_ids, 2, spill=tmp_path / "walk")
+    in_memory = reader_moments(model, sets, calib_ids, 2)
+    assert all(torch.equal(walked[n].full(), in_memory[n].cross) for n in readers)
+    stats = Stats()
+    folder = stats.spill
+    assert folder.is_dir()
+    del stats
+    import gc
+    gc.collect()
+    assert not folder.exists()  # the folder goes with the statistics that own it

@@ -66,7 +66,8 @@ def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, m
             model = str(Path(tmp) / "pruned")
             pruned = _prune(row, data_dir, model)
             result.update(params=pruned["params_after"], prune_seconds=pruned["seconds"], load_seconds=pruned["load_seconds"],
-                          peak_rss_mb=pruned["peak_rss_mb"], achieved_ratio=pruned["achieved_ratio"])
+                          peak_rss_mb=pruned["peak_rss_mb"], achieved_ratio=pruned["achieved_ratio"],
+                          params_before=pruned["params_before"], stages=pruned.get("extra", {}).get("stages"))
         if data:
             ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
                          "--max-windows", str(max_windows), "--data-dir", data_dir)

@@ -56,9 +56,18 @@ def _add_ppl_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("hywia")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="hywia", description="Structured pruning of Hugging Face causal LMs.")
     parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
+    parser.add_argument("--version", action="version", version=f"hywia {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save the smaller model")

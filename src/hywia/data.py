@@ -68,7 +68,8 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise HywiaError(f"data dir {path} does not exist; pass --data-dir DIR (or set HYWIA_DATA_DIR) to a folder like wikitext2/ ptb/")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise HywiaError(f"data dir {path} {what}; pass --data-dir DIR (or set HYWIA_DATA_DIR) to a folder like wikitext2/ ptb/")
     return path
 
 

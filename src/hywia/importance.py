@@ -17,9 +17,12 @@ criteria never run one either, and only the second-order ones pay for per-sample
 from __future__ import annotations
 
 import functools
+import itertools
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .errors import HywiaError
 from .grouping import LayerGroups
-from .walk import walk_layers
+from .walk import decoder_layers, walk_layers
 
 
 @dataclass
@@ -56,7 +59,17 @@ class Moments:
     def second_moment(self) -> torch.Tensor:
         """E[x x^T] over the observations (needs outer=True): the expected squared output error of dropping input
         columns R of a Linear W is tr(W_R E[x_R x_R^T] W_R^T)."""
-        return self.cross / self.count
+        return self.full() / self.count
+
+    def full(self) -> torch.Tensor:
+        """X^T X (needs outer=True), read back from disk if it was spilled."""
+        return torch.load(self.cross, weights_only=True) if isinstance(self.cross, Path) else self.cross
+
+    def spill(self, path: Path) -> None:
+        """Keep X^T X in the file `path` instead of memory: every Linear's [in, in] float64 matrix at once grows as
+        layers x width^2 (18 GB for a 1.5B model's down projections), more than the model; one at a time does not."""
+        torch.save(self.cross, path)
+        self.cross = path
 
     @property
     def mean(self) -> torch.Tensor:
@@ -112,6 +125,14 @@ class Stats:
     heldout: dict[str, Moments] = field(default_factory=dict)  # output projections' inputs on a second calibration draw
     heldout_ids: torch.Tensor | None = None  # that draw's windows [n, seq_len]
     seed: int = 0
+    _spill: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def spill(self) -> Path:
+        """A folder for second moments kept on disk (`Moments.spill`), removed with these statistics."""
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="hywia-moments-")
+        return Path(self._spill.name)
 
 
 @dataclass
@@ -250,17 +271,20 @@ def checkpointed(model: nn.Module, enabled: bool):
 
 
 def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[str], batch_size: int = 4,
-                   outer: bool = False, sequential: bool = False, device: str | torch.device | None = None) -> dict[str, Moments]:
+                   outer: bool = False, sequential: bool = False, device: str | torch.device | None = None,
+                   spill: Path | None = None) -> dict[str, Moments]:
     """Moments of each named Linear's input features over all calibration tokens (forward passes only); `outer`
     keeps each one's full second moment too. `sequential` walks the decoder one layer at a time (`hywia.walk`: the
-    same moments, only one layer's activations live, and with `device` only one layer's weights there)."""
+    same moments, only one layer's activations live, and with `device` only one layer's weights there). With
+    `spill` (a folder; `outer` only) the walk is sequential and each layer's second moments go to disk as it ends."""
     moments = {name: Moments(outer=outer) for name in module_names}
     was_training = model.training
     model.eval()
     try:
-        if sequential:
+        if sequential or (outer and spill is not None):
+            finished = spiller(moments, spill, decoder_layers(model)[0]) if outer and spill is not None else None
             walk_layers(model, samples, module_names, lambda name, x: moments[name].add(x), batch_size=batch_size,
-                        device=device, desc="activations")
+                        device=device, desc="activations", finished=finished)
             return moments
         handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: moments[name].add(args[0]))
                    for name in module_names]
@@ -275,6 +299,19 @@ def collect_inputs(model: nn.Module, samples: torch.Tensor, module_names: set[st
     finally:
         model.train(was_training)
     return moments
+
+
+_SPILLED = itertools.count()
+
+
+def spiller(moments: dict[str, Moments], folder: Path, layers_path: str) -> Callable[[int, nn.Module], None]:
+    """A walk's `finished` hook that spills the second moments of the Linears of each layer the walk is done with."""
+    def finished(index: int, layer: nn.Module) -> None:
+        prefix = f"{layers_path}.{index}."
+        for name, m in moments.items():
+            if name.startswith(prefix) and not isinstance(m.cross, Path):
+                m.spill(folder / f"{name}.{next(_SPILLED)}.pt")
+    return finished
 
 
 CRITERIA: dict[str, Criterion] = {}  # filled by hywia.methods, one module per method family

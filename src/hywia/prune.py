@@ -12,6 +12,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -143,14 +144,14 @@ JUDGE_SEED = 2_000_003  # evidence-best's judge draw uses seed + this: neither t
 
 
 def heldout_stats(model: nn.Module, tokenizer, sets: list[LayerGroups], stats: Stats, moments: bool, calib: str | torch.Tensor,
-                  samples: int, seq_len: int, seed: int, data_dir: str | None, batch_size: int) -> None:
+                  samples: int, seq_len: int, seed: int, data_dir: str | None, batch_size: int, spill: Path | None = None) -> None:
     """A second draw of calibration windows (the same tensor when calibration came as ids) into `stats.heldout_ids`,
     and with `moments` the full input second moments of every output projection (o_proj, down_proj) on it, for
     choices that weigh evidence on held-out data (evidence fusion, the evidence kind split). Kept parts are kept."""
     if stats.heldout_ids is None:
         stats.heldout_ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed + HELDOUT_SEED, data_dir)
     if moments and not stats.heldout:
-        stats.heldout = collect_inputs(model, stats.heldout_ids, {s.reader.name for s in sets}, batch_size, outer=True)
+        stats.heldout = collect_inputs(model, stats.heldout_ids, {s.reader.name for s in sets}, batch_size, outer=True, spill=spill)
 
 
 def score_groups(model: nn.Module, sets: list[LayerGroups], criterion: Criterion, samples: torch.Tensor | None,
@@ -264,7 +265,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
         moments = criterion.heldout is not None and criterion.heldout(method_options)
         split_by_evidence = kind_split in SPLITS[1:] and attention_kind(sets) is not None
         if moments or split_by_evidence:
-            heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size)
+            heldout_stats(model, tokenizer, sets, stats, moments, calib, samples, seq_len, seed, data_dir, batch_size, stats.spill)
             calib_record["heldout_seed"] = seed + HELDOUT_SEED
     with costs.stage("score"), torch.no_grad():  # a criterion that shares the ratio out over layers (SAAP) reads it from its options
         scores = criterion.score(sets, stats, {**method_options, "ratio": ratio, "compensate": compensate})
@@ -307,7 +308,7 @@ def prune(model: nn.Module, tokenizer=None, method: str = "hywia-adaptive", rati
             if kind_split in ("evidence", "evidence-best"):
                 screens["masked"] = None
             if kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
-                inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device)
+                inputs = reader_moments(model, sets, walk_ids, batch_size, memory.device, stats.spill)
                 screens["refit"] = lambda gone: refitted(sets, gone, inputs, compensate, select)
             screened = {}
             for weighed, candidate in screens.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import math
@@ -31,9 +32,9 @@ from torch import nn
 
 from .errors import HywiaError
 from .grouping import LayerGroups
-from .importance import Moments
+from .importance import Moments, spiller
 from .removal import remove_groups
-from .walk import walk_layers
+from .walk import decoder_layers, walk_layers
 
 if TYPE_CHECKING:
     from .aside import Aside
@@ -144,11 +145,13 @@ def accumulate(m: Moments, x: torch.Tensor) -> None:
 
 
 def reader_moments(model: nn.Module, sets: list[LayerGroups], ids: torch.Tensor, batch_size: int,
-                   device: str | torch.device | None = None) -> dict[str, Moments]:
-    """The dense model's inputs of every reader of `sets` on `ids`, accumulated as the walk accumulates them."""
+                   device: str | torch.device | None = None, spill: Path | None = None) -> dict[str, Moments]:
+    """The dense model's inputs of every reader of `sets` on `ids`, accumulated as the walk accumulates them; with
+    `spill` (a folder), each layer's X^T X goes to disk once the walk is past it (`Moments.spill`)."""
     moments = {s.reader.name: Moments() for s in sets}
+    finished = spiller(moments, spill, decoder_layers(model)[0]) if spill is not None else None
     walk_layers(model, ids, set(moments), lambda name, x: accumulate(moments[name], x), batch_size=batch_size,
-                device=device, desc="reader inputs")
+                device=device, desc="reader inputs", finished=finished)
     return moments
 
 
@@ -177,7 +180,7 @@ def refitted(sets: list[LayerGroups], removed: list[torch.Tensor], moments: dict
             module, m = s.reader.module, moments[s.reader.name]
             weight = module.weight.data
             saved.setdefault(s.reader.name, weight.clone())
-            h = m.cross.to(weight.device)
+            h = m.full().to(weight.device)
             if select is not None:
                 gone = select(s, weight, h, len(gone))
             keep = kept_columns(s, gone, weight.shape[1])
