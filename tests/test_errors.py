@@ -340,6 +340,21 @@ FINETUNE_OPTIONS = ("--rank", "--lora-alpha", "--lora-dropout", "--lr", "--batch
 EVAL_OPTIONS = ("--protocol", "--seq-len", "--bos", "--max-windows", "--batch-size", "--data")
 
 
+def parsed_or_one_line(argv: list[str], context=None) -> None:
+    """`cli.parse(argv)` accepts the arguments, or refuses them in one `hywia: error:` line (exit code 2)."""
+    context = argv if context is None else context
+    err = io.StringIO()
+    with redirect_stderr(err):
+        try:
+            cli.parse(argv)
+        except HywiaError as e:
+            assert "\n" not in str(e) and str(e), context
+        except SystemExit as e:
+            assert e.code == 2, context
+            lines = err.getvalue().strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("hywia: error:"), (context, lines)
+
+
 def test_random_option_values_are_accepted_or_one_line(world):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
@@ -354,17 +369,7 @@ def test_random_option_values_are_accepted_or_one_line(world):
     def check(command: str, data) -> None:
         base, options = commands[command]
         chosen = data.draw(st.lists(st.tuples(st.sampled_from(options), _values()), max_size=5))
-        argv = base + [item for option, value in chosen for item in (option, value)]
-        err = io.StringIO()
-        with redirect_stderr(err):
-            try:
-                cli.parse(argv)
-            except HywiaError as e:
-                assert "\n" not in str(e) and str(e), argv
-            except SystemExit as e:
-                assert e.code == 2, argv
-                lines = err.getvalue().strip().splitlines()
-                assert len(lines) == 1 and lines[0].startswith("hywia: error:"), (argv, lines)
+        parsed_or_one_line(base + [item for option, value in chosen for item in (option, value)])
 
     check()
     assert snapshot(world) == before
@@ -386,17 +391,8 @@ def test_random_recipe_files_are_accepted_or_one_line(world, tmp_path):
     @hypothesis.given(st.dictionaries(st.sampled_from(names), json_values, max_size=6), st.booleans())
     def check(options: dict, with_method: bool) -> None:
         recipe.write_text(json.dumps({"model": "tiny", "options": {"model": str(world / "model"), **options}, "extra": {}}))
-        argv = ["prune", "--recipe", str(recipe), "--out", str(world / "hyp-out")] + (["--method", "wanda"] if with_method else [])
-        err = io.StringIO()
-        with redirect_stderr(err):
-            try:
-                cli.parse(argv)
-            except HywiaError as e:
-                assert "\n" not in str(e) and str(e), options
-            except SystemExit as e:
-                assert e.code == 2, options
-                lines = err.getvalue().strip().splitlines()
-                assert len(lines) == 1 and lines[0].startswith("hywia: error:"), (options, lines)
+        parsed_or_one_line(["prune", "--recipe", str(recipe), "--out", str(world / "hyp-out")] + (["--method", "wanda"] if with_method else []),
+                           options)
 
     check()
     assert snapshot(world) == before

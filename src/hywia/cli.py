@@ -263,7 +263,7 @@ def _recipe_defaults(argv: list[str]) -> dict:
         else:
             try:
                 fits = action.type is None and isinstance(value, str) or action.type is not None and action.type(value) is not None
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an integer option given infinity
                 fits = False
         if not fits:
             raise HywiaError(f"--recipe {path}: field '{name}' is {json.dumps(value)}, not {kind}; correct it or remove it")
