@@ -130,3 +130,22 @@ def test_unknown_model_paths_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HywiaError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_outputs_get_the_modes_the_users_umask_gives(mask, tmp_path, tokenizer):
+    """A saved model, its files and a GGUF export are as readable as any file the user makes: temporary names are
+    made 0700 / 0600 by tempfile, and the rename into place must not carry that over (issue 36)."""
+    import os
+
+    from hywia.export import export_gguf
+    previous = os.umask(mask)
+    try:
+        folder = save_model(tiny_model(), tokenizer, tmp_path / "m", {"model": "tiny"})
+        gguf_file = tmp_path / "m.gguf"
+        export_gguf(tiny_model(), gguf_file, "f16", source=str(folder))
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~mask for f in folder.iterdir() if f.is_file())
+    assert gguf_file.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -39,7 +39,7 @@ from .card import model_card
 from .data import hub_reachable
 from .errors import HywiaError
 from .finite import check_weights
-from .modes import as_user_folder
+from .modes import as_user_file, as_user_folder
 from .parts import Chunked, join, joined_name, parts_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -502,6 +502,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         try:
             as_user_folder(tmp)  # mkdtemp makes 0700
             yield tmp
+            for path in tmp.rglob("*"):  # what libraries wrote through temporary files of their own (safetensors: 0600)
+                if not path.is_symlink():  # chmod would follow a link out of the output
+                    (as_user_folder if path.is_dir() else as_user_file)(path)
             with deferred_signals():
                 check_output(out, overwrite)  # a folder someone made meanwhile is not replaced without --overwrite
                 if out.exists():
