@@ -90,6 +90,9 @@ def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed
     screened = {name: screen["attention_share"] for name, screen in evidence["screened"].items()}
     built, kept, verdict = evidence["judge_loss"], evidence["attention_share"], evidence["judge"]
     assert evidence["candidates"] == "masked+refit" and screened["masked"] != screened["refit"]
+    stages = report.extra["stages"]  # seconds and peak memory of each stage, for hywia.json
+    assert {"before", "calibrate", "score", "split", "build aside", "build"} <= set(stages)
+    assert all(stage["peak_rss_mb"] > 0 for stage in stages.values()) and report.peak_rss_mb >= max(s["peak_rss_mb"] for s in stages.values())
     assert set(built) == set(screened.values()) and verdict["windows"] == len(calib_ids)
     assert verdict["difference"] == pytest.approx(built[screened["refit"]] - built[screened["masked"]], abs=1e-6)
     refit_wins = verdict["difference"] < -JUDGE_MARGIN * verdict["standard_error"]

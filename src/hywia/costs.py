@@ -54,8 +54,8 @@ class Costs:
     """`with costs.stage("score"): ...` records the block's seconds and peak RSS (and CUDA peak) under its name."""
 
     def __init__(self) -> None:
-        self.stages: dict[str, dict] = {}
         self.peak_mb = _hwm_mb()  # what the process reached before the first stage (loading the model)
+        self.stages: dict[str, dict] = {"before": {"peak_rss_mb": round(self.peak_mb, 1)}}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
