@@ -16,6 +16,7 @@ criteria never run one either, and only the second-order ones pay for per-sample
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import tempfile
@@ -64,6 +65,10 @@ class Moments:
     def full(self) -> torch.Tensor:
         """X^T X (needs outer=True), read back from disk if it was spilled."""
         return torch.load(self.cross, weights_only=True) if isinstance(self.cross, Path) else self.cross
+
+    def loaded(self) -> Moments:
+        """These moments with X^T X in memory (read from disk once, if it was spilled), for repeated use."""
+        return dataclasses.replace(self, cross=self.full()) if isinstance(self.cross, Path) else self
 
     def spill(self, path: Path) -> None:
         """Keep X^T X in the file `path` instead of memory: every Linear's [in, in] float64 matrix at once grows as

@@ -110,7 +110,8 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
         elif fusion == "evidence":
             reader = s.reader.name
             share = float(options["ratio"])
-            alpha = torch.full_like(fine, evidence_alpha(s, fine, coarse, stats.heldout[reader], share, bool(options.get("compensate"))))
+            alpha = torch.full_like(fine, evidence_alpha(s, fine, coarse, stats.heldout[reader].loaded(), share,
+                                                              bool(options.get("compensate"))))  # one read per layer, not per candidate
         else:
             if s.kind not in models:  # one model per kind: alphas of different layers are comparable
                 models[s.kind] = AttentionFusion(fine_parts.shape[1], d_model, stats.seed * 2 + (s.kind == "mlp"))
