@@ -30,7 +30,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="hywia-adaptive")
-    parser.add_argument("--reconstruct", default="no", help="the pruned model's --reconstruct (no: as the 2026-12-02 rows were made)")
+    parser.add_argument("--reconstruct", default="no", help="the pruned model's --reconstruct (no: as the first distillation rows were made)")
     parser.add_argument("--ratio", default="0.2")
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--tokens", type=int, default=20480)

@@ -5,8 +5,8 @@ chain ends at `--method hywia-adaptive --reconstruct no` (issue 11's method); an
 hybrid scores themselves add is measured apart from what the structure adds. The last rows (issue 22) update the
 kept weights: SlimGPT, and "X + reconstruction" (X's groups, then a least-squares refit of the weights that read
 them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases), each paired with
-the row PAIRED names; "+ both splits built" is today's `--method hywia-adaptive` (since 2026-12-03, fifth session;
-"hywia-adaptive + obs selection", the default before, is `--kind-split evidence`).
+the row PAIRED names; "+ both splits built" is `--method hywia-adaptive` ("hywia-adaptive + obs
+selection" is `--kind-split evidence`).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hybrid.py --models smollm2-135m --seeds 0,1,2
     python benchmarks/report.py          # the tables in docs/RESULTS.md

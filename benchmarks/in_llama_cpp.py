@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from hywia.bench import _hywia, machine  # noqa: E402
 from speed import paused  # noqa: E402
 
-# measured before hywia-adaptive's default became --reconstruct obs (2026-12-03): pinned off so the rows reproduce;
+# measured before hywia-adaptive's default became --reconstruct obs: pinned off so the rows reproduce;
 # the widths, and so the speeds, are the same either way (obs keeps each layer's count)
 CHOOSE_ONLY = ["--method", "hywia-adaptive", "--reconstruct", "no"]
 MODELS = {"hywia-adaptive 20%": [*CHOOSE_ONLY, "--ratio", "0.2"],

@@ -1,6 +1,8 @@
-"""Markdown tables for docs/RESULTS.md from benchmarks/results/*.jsonl (nothing is typed by hand).
+"""Markdown tables for docs/RESULTS.md from benchmarks/results/*.jsonl (nothing is typed by hand), and the README's
+figure (quality against kept parameters, every method on every model, docs/figures/quality_vs_params.png).
 
-    python benchmarks/report.py
+    python benchmarks/report.py                 # the tables
+    python benchmarks/report.py --figure        # the figure
 
 Rows that differ only by seed are merged into mean ± sample standard deviation, with the seed count.
 """
@@ -342,7 +344,7 @@ def llama_cpp_tables(records: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['ideal_speedup']:.2f}× | {r['transformers_ppl']:.2f} | "
                      f"{r['f32_ppl']:.2f} | " + " | ".join(f"{r[f'{t}_ppl']:.2f}" for t in types) + " | "
                      + " / ".join(f"{r[f'{t}_mib']:.0f}" for t in types) + " |")
-    runtime = "decode_tps_runtime" in rows[0][f"{types[0]}_speed"]  # llama.cpp's own timers, since 2026-12-03
+    runtime = "decode_tps_runtime" in rows[0][f"{types[0]}_speed"]  # llama.cpp's own timers (later runs)
     lines += ["", "| model | type | prefill tok/s | decode tok/s | prefill speedup | decode speedup | decode / ideal |"
               + (" decode tok/s in llama_decode | its speedup | its / ideal |" if runtime else ""),
               "|---|---|---|---|---|---|---|" + ("---|---|---|" if runtime else "")]
@@ -369,8 +371,48 @@ def llama_cpp_tables(records: list[dict]) -> str:
                                f"{head['machine']}.")
 
 
+FIGURE = Path(__file__).parents[1] / "docs" / "figures" / "quality_vs_params.png"
+DRAWN = ("hywia-adaptive", "slimgpt", "element2", "flap (layer scope)", "wanda_sp", "saap", "hywia")  # the current rows
+
+
+def quality_figure(rows: list[dict], out: Path = FIGURE) -> Path:
+    """WikiText-2 perplexity (Table 1's 128-token protocol, before recovery, mean over seeds) against the fraction of
+    the dense model's parameters kept, one panel per model, one line per method through dense."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(json.loads(r["key"])["model"] for r in rows))
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if json.loads(r["key"])["model"] == model and not r["recovered"]]
+        dense = next(r for r in mine if r["method"] == "dense")
+        for method in DRAWN:
+            points = defaultdict(list)
+            for r in mine:
+                if r["method"] == method:
+                    points[r["params"] / dense["params"]].append(r["ppl_128"]["wikitext2"]["ppl"])
+            if points:
+                xs = sorted(points)
+                ax.plot([1.0] + xs[::-1], [dense["ppl_128"]["wikitext2"]["ppl"]] + [statistics.mean(points[x]) for x in xs[::-1]],
+                        marker="o", color=f"C{DRAWN.index(method)}", label=method)
+        windows = json.loads(dense["key"])["windows"][0]
+        ax.set(title=f"{model} ({windows} windows)", xlabel="parameters kept (× dense)", ylabel="WikiText-2 perplexity", yscale="log")
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    figure.legend([handles[m] for m in DRAWN if m in handles], [m for m in DRAWN if m in handles], loc="lower center",
+                  ncol=len(handles), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    return out
+
+
 if __name__ == "__main__":
+    import sys
     rows = load("table1.jsonl")
+    if "--figure" in sys.argv[1:]:
+        print(quality_figure(rows))
+        raise SystemExit
     for model in dict.fromkeys(json.loads(r["key"])["model"] for r in rows):  # one table per model, first measured first
         every_seed = [r for r in rows if json.loads(r["key"])["model"] == model]
         mine = [r for r in every_seed if r["zeroshot"]]  # the zero-shot rows; further seeds are perplexity only
@@ -390,11 +432,11 @@ if __name__ == "__main__":
         ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
         ("memory.jsonl", "Memory options", memory_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
-        ("hybrid.jsonl", "Updating the kept weights: reconstruction and SlimGPT (issue 22)", reconstruction_table),
+        ("hybrid.jsonl", "Three seeds against SlimGPT: the default, reconstruction and the baselines", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
-        ("llama_cpp.jsonl", "In llama.cpp (issue 21)", llama_cpp_tables),
+        ("llama_cpp.jsonl", "In llama.cpp", llama_cpp_tables),
     ]
     unstructured = load("sparsity_structure.jsonl")
     covered = {r["level"] for r in unstructured}  # other levels: the lent GPU's SparseGPT rows (its dense agrees to 0.02)

@@ -37,7 +37,7 @@ from hywia.bench import _hywia, machine  # noqa: E402
 
 METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are made (most important first)
     "hywia": ["--method", "hywia"],
-    "hywia-adaptive": ["--method", "hywia-adaptive"],  # --reconstruct obs, --kind-split evidence-best since 2026-12-03 (issue 22)
+    "hywia-adaptive": ["--method", "hywia-adaptive"],  # --reconstruct obs, --kind-split evidence-best
     "hywia-adaptive --kind-split evidence": ["--method", "hywia-adaptive", "--kind-split", "evidence"],  # the default before
     "hywia-adaptive --reconstruct no": ["--method", "hywia-adaptive", "--reconstruct", "no"],  # the default before
     "element2": ["--method", "element2"],

@@ -114,7 +114,7 @@ def test_recipe_rebuilds_the_same_model_and_the_card_explains_it(model_dir, text
                        "--seq-len", "32", "--seed", "4", "--data-dir", str(text_dir), "--out", str(first))
     assert code == 0, err
     recipe = json.loads((first / "hywia.json").read_text())
-    assert recipe["options"]["seed"] == 4 and recipe["options"]["samples"] == 3 and "out" not in recipe["options"]
+    assert recipe["recipe"]["seed"] == 4 and recipe["recipe"]["samples"] == 3 and "out" not in recipe["recipe"]
     again = tmp_path / "again"
     code, _, err = run(capsys, "prune", "--recipe", str(first / "hywia.json"), "--out", str(again))
     assert code == 0, err
@@ -131,25 +131,24 @@ def test_recipe_rebuilds_the_same_model_and_the_card_explains_it(model_dir, text
 
 def test_recipe_pins_the_defaults_it_ran_with(model_dir, text_dir, tmp_path, capsys):
     """A recipe records what each method default resolved to, and one recorded before a default changed (options left
-    None) replays with what its run resolved: hywia-adaptive's --reconstruct was off before 2026-12-03."""
+    None) replays with what its run resolved: hywia-adaptive's --reconstruct was off before it became obs."""
     from safetensors.torch import load_file
     flags = ["--model", str(model_dir), "--ratio", "0.3", "--samples", "3", "--seq-len", "32", "--data-dir", str(text_dir)]
     old = tmp_path / "old"
     code, _, err = run(capsys, "prune", *flags, "--reconstruct", "no", "--out", str(old))
     assert code == 0, err
     recipe = json.loads((old / "hywia.json").read_text())
-    assert {k: recipe["options"][k] for k in ("reconstruct", "compensate", "scope", "attention_unit", "kind_split")} == \
-        {"reconstruct": "no", "compensate": "yes", "scope": "global", "attention_unit": "query", "kind_split": "evidence"}
-    for name in ("reconstruct", "compensate", "scope", "attention_unit", "kind_split"):  # as recipes were written before
-        recipe["options"][name] = None
-    (old / "hywia.json").write_text(json.dumps(recipe))
+    assert {k: recipe["recipe"][k] for k in ("reconstruct", "compensate", "scope", "attention_unit", "kind_split")} == \
+        {"reconstruct": False, "compensate": True, "scope": "global", "attention_unit": "query", "kind_split": "evidence"}
+    # as hywia.json was written before recipes had their own field: the command line's options, defaults left None
+    options = {**recipe.pop("recipe"), "model": str(model_dir), "data_dir": str(text_dir)}
+    options.update(dict.fromkeys(("reconstruct", "compensate", "scope", "attention_unit", "kind_split")))
+    (old / "hywia.json").write_text(json.dumps({**recipe, "options": options}))
     again = tmp_path / "again"
     code, _, err = run(capsys, "prune", "--recipe", str(old / "hywia.json"), "--out", str(again))
     assert code == 0, err
     assert json.loads((again / "hywia.json").read_text())["extra"]["reconstruct"] is False
     a, b = load_file(old / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    default = json.loads((old / "hywia.json").read_text())  # and the default today is obs, which a fresh run records
-    code, _, err = run(capsys, "prune", *flags, "--out", str(tmp_path / "new"))
-    assert code == 0 and json.loads((tmp_path / "new" / "hywia.json").read_text())["options"]["reconstruct"] == "obs"
-    assert default["options"]["reconstruct"] is None
+    code, _, err = run(capsys, "prune", *flags, "--out", str(tmp_path / "new"))  # and the default today is obs
+    assert code == 0 and json.loads((tmp_path / "new" / "hywia.json").read_text())["recipe"]["reconstruct"] == "obs"

@@ -16,7 +16,8 @@ import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, prune, save_model
-from hywia.finetune import FinetuneSettings, finetune, load_instructions, merge
+from hywia.finetune import FinetuneSettings, finetune, merge
+from hywia.instructions import load_instructions
 from test_io import IDS, fresh_process_logits
 
 RECORDS = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i} {i} {i}"} for i in range(24)]
@@ -164,7 +165,7 @@ def test_distillation_loss_is_zero_for_the_teacher_itself_and_grows_with_pruning
 
 
 def test_distillation_moves_the_student_towards_the_teacher(text_dir, tokenizer):
-    from hywia.finetune import text_examples
+    from hywia.instructions import text_examples
     teacher = tiny_model()
     student, _ = prune(copy.deepcopy(teacher), method="l2", ratio=0.4)
     windows = torch.stack(text_examples("wikitext2", tokenizer, 24, str(text_dir))[0][:8])

@@ -11,7 +11,7 @@ from hywia import HywiaError, find_groups, prune
 from hywia.fusion import AttentionFusion, normalise
 from hywia.methods.hywia import fuse
 from hywia.importance import collect_stats
-from hywia.prune import check_options
+from hywia.recipe import Recipe
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_attention_fusion_differs_from_fixed_half(calib_ids):
 ])
 def test_bad_fusion_options(options, message, calib_ids):
     with pytest.raises(HywiaError, match=message):  # refused before a model is even loaded
-        check_options("hywia", 0.3, "layer", "both", options)
+        Recipe(method="hywia", ratio=0.3, scope="layer", **options).check()
     with pytest.raises(HywiaError, match=message):
         prune(tiny_model(), method="hywia", ratio=0.3, calib=calib_ids, **options)
 

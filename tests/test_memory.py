@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import tiny_model
 from hywia import HywiaError, load_model, prune, save_model
 from hywia.importance import Memory, Stats, collect_inputs, get_criterion
 from hywia.grouping import find_groups
-from hywia.prune import calibration_stats
+from hywia.calibrate import calibration_stats
 from test_cli import run
 
 
@@ -26,7 +27,7 @@ def grads(model, calib_ids, memory: Memory, method: str = "element2") -> Stats:
 @pytest.mark.parametrize("memory", [Memory(layers_per_pass=1), Memory(layers_per_pass=2, checkpointing=True),
                                     Memory(checkpointing=True)])
 def test_gradient_sweeps_and_checkpointing_give_the_one_pass_statistics(memory, calib_ids, monkeypatch):
-    module = sys.modules["hywia.prune"]  # the module, not the function the package exports under that name
+    module = sys.modules["hywia.calibrate"]
     model = tiny_model("qwen2")
     one = grads(model, calib_ids, Memory())
     sweeps, recomputed = [], []
@@ -176,3 +177,24 @@ def test_spilled_second_moments_equal_the_ones_kept_in_memory(calib_ids, tmp_pat
     import gc
     gc.collect()
     assert not folder.exists()  # the folder goes with the statistics that own it
+
+
+def test_a_killed_prunes_scratch_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    """Spill folders carry their process id; a new one removes those of processes that are gone, not the living's."""
+    import os
+    import subprocess
+    import tempfile
+
+    from hywia.scratch import scratch_dir
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f"hywia-moments-{gone.pid}-abc123"
+    alive = tmp_path / f"hywia-aside-{os.getpid()}-def456"
+    mine = tmp_path / "hywia-notours"
+    for folder in (left, alive, mine):
+        folder.mkdir()
+        (folder / "layer0.pt").write_bytes(b"x")
+    with scratch_dir("moments") as made:
+        assert not left.exists() and alive.exists() and mine.exists()
+        assert Path(made).name.startswith(f"hywia-moments-{os.getpid()}-")

@@ -167,3 +167,34 @@ def test_reconstruction_with_compensation_adds_biases_that_reload(tmp_path, toke
     model, _ = prune(tiny_model("mistral"), method="element2", ratio=0.4, calib=calib_ids, reconstruct=True, compensate=True)
     assert model.model.layers[0].mlp.down_proj.bias is not None
     assert_reloads_and_generates(model, tokenizer, tmp_path)
+
+
+def test_prefix_select_answers_each_count_from_one_run(monkeypatch):
+    """The evidence screen's selection: one greedy run per set to the largest count asked so far. Heads (one step at a
+    time) get exactly their own greedy selection; channels a subset of the longer run's, of the asked size; a larger
+    count than any asked before runs again."""
+    import hywia.reconstruct as reconstruct
+    runs = []
+    order = reconstruct.obs_order
+    monkeypatch.setattr(reconstruct, "obs_order", lambda *a, **k: runs.append(a[3]) or order(*a, **k))
+    model = tiny_model("llama", layers=1)
+    for kind, counts in (("attention", [3, 1, 2]), ("mlp", [30, 9, 17, 30])):  # four KV groups, one at a time; 48 channels
+        s = next(s for s in find_groups(model, "both") if s.kind == kind)
+        weight = s.reader.module.weight.data
+        _, x = correlated_layer(features=s.reader.module.in_features, tokens=600, seed=3)
+        h = (x @ x.T).float()
+        select, made = reconstruct.PrefixSelect(), []
+        answers = []
+        for count in counts:
+            before = len(runs)
+            answers.append(select(s, weight, h, count))
+            made += runs[before:]
+        assert made == [counts[0]]  # the first request was the largest: one run answered them all
+        for count, got in zip(counts, answers):
+            assert len(got) == count and got.tolist() == sorted(set(got.tolist()))
+            assert set(got.tolist()) <= set(answers[0].tolist())
+            if kind == "attention":  # a shorter greedy run of heads is the longer one's beginning
+                assert torch.equal(got, obs_select(s, weight, h, count))
+        assert torch.equal(answers[0], obs_select(s, weight, h, counts[0]))
+    before = len(runs)
+    assert select(s, weight, h, 40).tolist() == obs_select(s, weight, h, 40).tolist() and runs[before] == 40  # more: runs again

@@ -6,7 +6,8 @@ from .grouping import find_groups
 from .importance import CRITERIA
 from .io import load_model, save_model
 from .prune import PruneReport, prune
+from .recipe import Recipe
 from .sparsify import SPARSIFIERS, SparsityReport, sparsify
 
-__all__ = ["CRITERIA", "SPARSIFIERS", "HywiaError", "PruneReport", "SparsityReport", "find_groups", "load_model", "perplexity",
+__all__ = ["CRITERIA", "SPARSIFIERS", "HywiaError", "PruneReport", "Recipe", "SparsityReport", "find_groups", "load_model", "perplexity",
            "prune", "save_model", "sparsify"]

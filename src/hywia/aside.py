@@ -13,7 +13,6 @@ the pruned layers. The result equals building the incumbent in place (tests/test
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from .grouping import LayerGroups
 from .remote import sync_head_counts
+from .scratch import scratch_dir
 from .split import window_losses
 from .walk import Passengers, decoder_layers, replayed
 
@@ -57,7 +57,7 @@ class Aside:
         self.shadow = shadow_of(model)
         self.sets = regroup(self.shadow)
         self.passengers = Passengers(judge_ids)
-        self.folder = tempfile.TemporaryDirectory(prefix="hywia-aside-")
+        self.folder = scratch_dir("aside")
         self.copies: dict[int, nn.Module] = {}
         self.homes: dict[int, torch.device] = {}
 

@@ -10,7 +10,7 @@ HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m":
 
 def _base_model(recipe: dict) -> str | None:
     """The hub id of the dense model at the start of the chain, when there is one."""
-    origin = recipe.get("base_model") or recipe.get("options", {}).get("model") or recipe.get("model")
+    origin = recipe.get("base_model") or recipe.get("model")
     if origin in HUB_IDS:
         return HUB_IDS[origin]
     if origin and "/" in origin and not origin.startswith((".", "/", "~")) and not origin.endswith(".gguf"):
@@ -72,7 +72,7 @@ def model_card(recipe: dict, remote_code: bool) -> str:
     if remote_code:
         body += ["Its layers have different widths, so the folder carries `modeling_hywia.py` (30 lines, the stock "
                  "class with per-layer Linear shapes): hence `trust_remote_code=True`.", ""]
-    if "options" in recipe:
+    if recipe.get("recipe") or "options" in recipe:
         body += ["## Make it again", "", "Every option that made it is in `hywia.json`:", "", "```bash",
                  "hywia prune --recipe hywia.json --out again/    # the same weights on CPU, given the same data", "```", ""]
     body += ["## Versions", "", "```json", json.dumps(recipe.get("versions", {})), "```", ""]

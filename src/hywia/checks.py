@@ -22,26 +22,11 @@ from .data import SOURCES, data_dir, split_paths
 from .errors import HywiaError
 from .evaluate import BOS_CHOICES, PROTOCOLS
 from .grouping import layer_slice, parse_layers
-from .importance import CRITERIA, Memory
+from .importance import CRITERIA
 from .io import ACCELERATE_MAPS, DTYPES, check_model_ref, check_output, check_writable
 from .options import RANGES, check_values, flag
+from .recipe import STRUCTURED_DEFAULTS, UNSTRUCTURED_DEFAULTS, Recipe
 from .sparsify import SPARSIFIERS
-
-STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
-                   "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "judge_samples", "layers_per_pass", "stats_dtype", "stats_device")
-UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
-STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
-                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128, "judge_samples": 100}
-RECONSTRUCT = {None: None, "yes": True, "no": False, "obs": "obs"}  # --reconstruct -> prune(reconstruct=)
-UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
-
-
-def method_options(args: argparse.Namespace) -> dict:
-    """The options `prune`'s method takes, as given (None left out)."""
-    names = ("spread", "granularity", "sensitivity_samples", "wbits") if is_unstructured(args.method) else \
-        ("fusion", "alpha", "fusion_dim", "normalize", "spread")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
 
 def is_unstructured(method: str) -> bool:
     return method in SPARSIFIERS
@@ -133,51 +118,30 @@ def _numbers(args: argparse.Namespace) -> None:
 
 
 def _check_prune(args: argparse.Namespace) -> None:
-    from .prune import check_options
-    from .sparsify import check_options as check_sparsity
     if args.model is None:
         raise HywiaError("--model is required (or --recipe, the hywia.json of a model to make again)")
-    if args.method not in CRITERIA and not is_unstructured(args.method):
-        raise HywiaError(f"unknown method '{args.method}': structured: {', '.join(CRITERIA)}; unstructured: {', '.join(SPARSIFIERS)}")
-    unstructured = is_unstructured(args.method)
-    names, kind = (STRUCTURED_ONLY, "unstructured") if unstructured else (UNSTRUCTURED_ONLY, "structured")
-    given = [n for n in names if getattr(args, n) is not None]
-    if given:
-        fix = "it takes --sparsity or --pattern" if unstructured else "it takes --ratio"
-        raise HywiaError(f"{flag(given[0])} does not apply to --method {args.method}, which is {kind} pruning ({fix})")
-    _numbers(args)
-    # what the command line gave, before defaults fill in (a recipe's recorded values are not the user's to explain)
-    given_counts = {n: getattr(args, n) for n in ("reconstruct_samples", "judge_samples") if args.recipe is None}
-    for name, value in (UNSTRUCTURED_DEFAULTS if unstructured else STRUCTURED_DEFAULTS).items():
+    recipe = Recipe.from_args(args).check()
+    if args.stats_device is not None:
+        check_device(args.stats_device, "--stats-device", maps=False)
+    for name in ("calib", "samples", "seq_len", "batch_size"):  # the later checks (windows within the context, text) read these
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, (UNSTRUCTURED_DEFAULTS if recipe.unstructured else STRUCTURED_DEFAULTS)[name])
     _common(args)
-    options = method_options(args)
-    if unstructured:
-        check_sparsity(args.method, args.sparsity, args.pattern, options)
-    else:
-        if args.ratio is None:
-            raise HywiaError(f"--method {args.method} needs --ratio (fraction of prunable parameters to remove, e.g. 0.2)")
-        check_options(args.method, args.ratio, args.scope, args.target, options, args.round_to, args.attention_unit, args.kind_split,
-                      RECONSTRUCT[args.reconstruct], **given_counts)
-        if args.layers:
-            layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
-        memory(args).check()
+    if args.layers:
+        layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
     _check_text(args.calib, "--calib", args.data_dir, ("train", "validation"))
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
     if args.gguf is not None:
         from .export import TYPES
         _check_choice("gguf", args.gguf, TYPES)
-        if unstructured:
+        if recipe.unstructured:
             raise HywiaError("--gguf exports structured pruning's smaller dense model; sparse zeros gain nothing in llama.cpp")
 
 
-def memory(args: argparse.Namespace) -> Memory:
-    if args.stats_device is not None:
-        check_device(args.stats_device, "--stats-device", maps=False)
-    return Memory(args.layers_per_pass, args.stats_dtype, args.stats_device, args.checkpointing, args.sequential,
-                  None if args.device in ACCELERATE_MAPS else args.device)
+def memory_device(device: str) -> str | None:
+    """Where a sequential statistics walk moves each layer: `--device`, unless it names a placement over devices."""
+    return None if device in ACCELERATE_MAPS else device
 
 
 def _check_finetune(args: argparse.Namespace) -> None:
@@ -196,7 +160,7 @@ def _check_finetune(args: argparse.Namespace) -> None:
     given = [flag(name) for name in ("kd_temperature", "kd_hidden") if getattr(args, name) is not None]
     if given and args.teacher is None:
         raise HywiaError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} distillation from a teacher, and this run has "
-                         "none: add --teacher DENSE (the model it was pruned from), or leave {'it' if len(given) == 1 else 'them'} out for plain LoRA")
+                         f"none: add --teacher DENSE (the model it was pruned from), or leave {'it' if len(given) == 1 else 'them'} out for plain LoRA")
     args.kd_temperature = 1.0 if args.kd_temperature is None else args.kd_temperature
     args.kd_hidden = 0.0 if args.kd_hidden is None else args.kd_hidden
     if args.eval_every is not None:

@@ -69,7 +69,16 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
     parser.add_argument("--version", action="version", version=f"hywia {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub, recipe)
+    _finetune_parser(sub, recipe)
+    _export_parser(sub)
+    _bench_parser(sub)
+    _eval_parser(sub)
+    return parser
 
+
+def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
+    """The prune command: every Recipe field is a flag."""
     p = sub.add_parser("prune", help="prune a model and save the smaller model")
     _add_common(p, model_required=False)
     p.add_argument("--recipe", default=None, help="hywia.json of a pruned model: take every option from it (those given here "
@@ -131,6 +140,9 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(**(recipe or {}))
 
+
+def _finetune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
+    """The finetune command: LoRA (or distillation) recovery, merged back."""
     f = sub.add_parser("finetune", help="recover a (pruned) model with LoRA and merge it back")
     _add_common(f)
     f.add_argument("--data", default=None, help="alpaca (the default without --teacher), a json/jsonl file of instruction/input/output "
@@ -156,9 +168,15 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                    "processes instead of one replica each (also on with accelerate launch --use_fsdp)")
     f.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints beside --out)")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    f.add_argument("--recipe", default=None, help="hywia.json of a fine-tuned model: take every fine-tuning option from it "
+                   "(those given here win)")
     f.add_argument("--out", required=True)
     f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(**(recipe or {}))
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    """The export command: a GGUF file for llama.cpp."""
     x = sub.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
     x.add_argument("--model", required=True, help="a hywia model folder (or a packaged name or .gguf file: the dense model)")
     x.add_argument("--format", default="gguf", help="gguf (the only format so far)")
@@ -170,6 +188,9 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true")
     _add_debug(x)
 
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The bench command: speed of models side by side."""
     b = sub.add_parser("bench", help="measure models")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     sp = bsub.add_parser("speed", help="prefill/decode throughput, latency and peak memory, the first model as reference")
@@ -183,6 +204,9 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     _add_debug(sp)
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    """The eval command: perplexity and zero-shot accuracy."""
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
     ppl = esub.add_parser("ppl", help="perplexity on the test split")
@@ -199,7 +223,6 @@ def _parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     zs.add_argument("--ppl", action="store_true", help="add WikiText-2 and PTB perplexity columns (Table 1 layout)")
     zs.add_argument("--hellaswag-case", default="restore", help="restore (default) or as-file: see docs/recovery_and_zeroshot.md")
     _add_ppl_protocol(zs)
-    return parser
 
 
 def _load_checked(args, name: str | None = None, device: str | None = None):
@@ -219,56 +242,25 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-NOT_RECIPE = ("command", "out", "overwrite", "json", "debug", "recipe", "gguf")  # how a run is printed and where it goes
-
-
 def _recipe_path(argv: list[str]) -> Path | None:
-    if "prune" not in argv[:1] or "--recipe" not in argv or argv.index("--recipe") + 1 >= len(argv):
+    if argv[:1] not in (["prune"], ["finetune"]) or "--recipe" not in argv or argv.index("--recipe") + 1 >= len(argv):
         return None  # argparse itself says a missing value is missing
     return Path(argv[argv.index("--recipe") + 1]).expanduser()
 
 
 def _recipe_defaults(argv: list[str]) -> dict:
-    """For `prune --recipe FILE`: the options FILE recorded, to become the defaults of `prune`, so an option given on
-    the command line still wins. Each field is checked here, naming the file and the field: an unknown field, or a
-    value of the wrong type or not among an option's choices."""
+    """For `prune --recipe FILE` (or `finetune --recipe FILE`): the recipe FILE recorded (hywia.Recipe.load, or
+    FinetuneSettings.load, every field checked there) and, for a prune, the model and dtype it ran on, as the
+    command's defaults, so an option given on the command line still wins."""
     path = _recipe_path(argv)
     if path is None:
         return {}
-    try:
-        recorded = json.loads(path.read_text())
-        options = recorded["options"]
-    except FileNotFoundError:
-        raise HywiaError(f"--recipe {path} not found: give the hywia.json of a model hywia pruned") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise HywiaError(f"--recipe {path} is not a hywia.json with recorded options (models pruned before recipes were "
-                         "recorded have none): give the hywia.json of a model this hywia pruned") from None
-    if not isinstance(options, dict):
-        raise HywiaError(f"--recipe {path}: 'options' is not an object of option names and values; give a hywia.json hywia wrote")
-    actions = {a.dest: a for a in _subparser(_parser(), "prune")._actions}
-    for name, value in options.items():
-        action = actions.get(name)
-        if action is None or name in NOT_RECIPE:
-            raise HywiaError(f"--recipe {path}: unknown field '{name}' in options; remove it (prune's options are its flags, "
-                             "with - written as _)")
-        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        kind = "true or false" if switch else getattr(action.type, "__name__", "str") if action.type else "str"
-        kind = {"str": "a string", "int": "an integer", "float": "a number"}.get(kind, kind)
-        if switch:
-            fits = isinstance(value, bool)
-        elif value is None:
-            fits = True
-        elif isinstance(value, (bool, list, dict)):
-            fits = False
-        else:
-            try:
-                fits = action.type is None and isinstance(value, str) or action.type is not None and action.type(value) is not None
-            except (TypeError, ValueError, OverflowError):  # OverflowError: an integer option given infinity
-                fits = False
-        if not fits:
-            raise HywiaError(f"--recipe {path}: field '{name}' is {json.dumps(value)}, not {kind}; correct it or remove it")
-    # None is "left open": a field whose option has a default of its own takes that default
-    return {k: v for k, v in pinned(options, recorded).items() if k not in NOT_RECIPE and (v is not None or actions[k].default is None)}
+    if argv[0] == "finetune":
+        from .finetune import FinetuneSettings
+        return FinetuneSettings.load(path)
+    from .recipe import Recipe
+    recipe, settings = Recipe.load(path)
+    return {**settings, **{k: v for k, v in recipe.as_flags().items() if v is not None}}
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -277,9 +269,9 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _given(argv: list[str]) -> set[str]:
-    """The options the command line itself sets (values that differ from prune's defaults)."""
+    """The options the command line itself sets (values that differ from its command's defaults)."""
     parser = _parser()
-    args, sub = parser.parse_args(argv), _subparser(parser, "prune")
+    args, sub = parser.parse_args(argv), _subparser(parser, argv[0])
     return {name for name, value in vars(args).items() if value != sub.get_default(name)}
 
 
@@ -296,42 +288,27 @@ def _naming_recipe(path: Path, recipe: dict, given: set[str]) -> Iterator[None]:
         raise
 
 
-def pinned(options: dict, recorded: dict) -> dict:
-    """`options` with every method default it left open (None) replaced by the value the run resolved it to, read
-    from the run's record (hywia.json): a recipe then replays the same model after a default changes (hywia-adaptive
-    gained --reconstruct obs on 2026-12-03; a recipe recorded before that still replays without it)."""
-    extra = recorded.get("extra") or {}
-    as_flag = {True: "yes", False: "no"}
-    resolved = {"scope": recorded.get("scope"), "attention_unit": extra.get("attention_unit"),
-                "kind_split": extra.get("kind_split"), "compensate": as_flag.get(extra.get("compensate")),
-                "reconstruct": as_flag.get(extra.get("reconstruct"), extra.get("reconstruct"))}
-    return {**options, **{k: v if isinstance(v, str) or v is None else str(v) for k, v in resolved.items()
-                          if options.get(k) is None and v is not None}}
-
-
 def _prune(args) -> dict:
-    from .checks import RECONSTRUCT, is_unstructured, memory, method_options
+    from .checks import memory_device
     from .figures import write_artifacts
     from .io import save_model
     from .prune import prune
+    from .recipe import Recipe
     from .sparsify import sparsify
 
+    recipe = Recipe.from_args(args)
     t0 = time.perf_counter()
     model, tokenizer = _load_checked(args)
     load_seconds = time.perf_counter() - t0
-    common = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "data_dir": args.data_dir,
-              "batch_size": args.batch_size, **method_options(args)}
-    if is_unstructured(args.method):
-        model, report = sparsify(model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, **common)
-        artifacts = None
+    if recipe.unstructured:
+        r = recipe.resolved()
+        model, report = sparsify(model, tokenizer, method=r.method, sparsity=r.sparsity, pattern=r.pattern, calib=r.calib,
+                                 samples=r.samples, seq_len=r.seq_len, seed=r.seed, data_dir=args.data_dir,
+                                 batch_size=r.batch_size, **r.method_options)
+        artifacts, record = None, {**report.as_dict(), "recipe": r.as_dict()}
     else:
-        model, report = prune(model, tokenizer, method=args.method, ratio=args.ratio, scope=args.scope, target=args.target,
-                              layers=args.layers, min_keep=args.min_keep, round_to=args.round_to, attention_unit=args.attention_unit,
-                              compensate=None if args.compensate is None else args.compensate == "yes",
-                              reconstruct=RECONSTRUCT[args.reconstruct],
-                              reconstruct_samples=args.reconstruct_samples, judge_samples=args.judge_samples,
-                              kind_split=args.kind_split, memory=memory(args), **common)
-        artifacts = lambda tmp: write_artifacts(tmp, report)  # noqa: E731
+        model, report = prune(model, tokenizer, recipe, data_dir=args.data_dir, device=memory_device(args.device))
+        artifacts, record = (lambda tmp: write_artifacts(tmp, report)), report.as_dict()  # noqa: E731
     if args.gguf:
         from .export import export_gguf
         figures = artifacts
@@ -340,21 +317,21 @@ def _prune(args) -> dict:
             if figures is not None:
                 figures(tmp)
             export_gguf(model, tmp / f"model.{args.gguf}.gguf", args.gguf, source=args.model)
-    options = {k: v for k, v in vars(args).items() if k not in NOT_RECIPE}
-    recipe = {"model": args.model, "dtype": args.dtype, **report.as_dict(), "load_seconds": load_seconds}
-    recipe["options"] = pinned(options, recipe) if not is_unstructured(args.method) else options
-    save_model(model, tokenizer, args.out, recipe, overwrite=args.overwrite, extra=artifacts)
-    return {**recipe, "out": str(args.out)}
+    record = {"model": args.model, "dtype": args.dtype, "device": args.device, "data_dir": args.data_dir, **record,
+              "load_seconds": load_seconds}
+    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, extra=artifacts)
+    return {**record, "out": str(args.out)}
 
 
 def _finetune(args) -> dict:
     import shutil
     import tempfile
-    from dataclasses import fields
+    from dataclasses import asdict, fields
     from pathlib import Path
 
     from .figures import plot_curve, plot_losses
-    from .finetune import FinetuneSettings, check_recovery, finetune, merge, remove_checkpoints
+    from .checkpoints import remove_checkpoints
+    from .finetune import FinetuneSettings, check_recovery, finetune, merge
     from .io import load_model, save_model, stored_dtype
     from .shard import fsdp_requested
 
@@ -381,7 +358,13 @@ def _finetune(args) -> dict:
             peft_model.save_pretrained(adapter_dir)  # the adapter on its own, before merging folds it in
         merged = merge(peft_model, base, settings)
         check_recovery(merged, tokenizer, report)
-        recipe = {**previous, "model": args.model, "finetune": report.as_dict()}
+        # "model" is what this run trained; "base_model" stays the dense model the chain started from (what --recipe prunes)
+        base = previous.get("base_model") or previous.get("model")
+        replay = {"data": args.data, "teacher": args.teacher, **asdict(settings)}  # what `finetune --recipe` takes back
+        if args.teacher is None:  # distillation settings are refused without a teacher: a replay must not carry them
+            replay = {k: v for k, v in replay.items() if k not in ("kd_temperature", "kd_hidden")}
+        recipe = {**previous, **({"base_model": base} if base else {}), "model": args.model,
+                  "finetune": {**report.as_dict(), "recipe": replay}}
 
         def extra(tmp: Path) -> None:
             if settings.train == "lora":
@@ -500,8 +483,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         check_args(args)
         return args
     given = _given(argv)
-    replayed = recipe.get("method", args.method)
-    if "method" in given and is_unstructured(args.method) != is_unstructured(replayed):
+    replayed = recipe.get("method", getattr(args, "method", None))
+    if args.command == "prune" and "method" in given and is_unstructured(args.method) != is_unstructured(replayed):
         kind = lambda method: "an unstructured" if is_unstructured(method) else "a structured"  # noqa: E731
         raise HywiaError(f"--recipe {_recipe_path(argv)} replays {kind(replayed)} prune (--method {replayed}), and --method "
                          f"{args.method} is {kind(args.method)} one: leave out --recipe to prune with {args.method}, or leave out "

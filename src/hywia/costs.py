@@ -54,8 +54,8 @@ class Costs:
     """`with costs.stage("score"): ...` records the block's seconds and peak RSS (and CUDA peak) under its name."""
 
     def __init__(self) -> None:
-        self.peak_mb = _hwm_mb()  # what the process reached before the first stage (loading the model)
-        self.stages: dict[str, dict] = {"before": {"peak_rss_mb": round(self.peak_mb, 1)}}
+        self.peak_mb = round(_hwm_mb(), 1)  # what the process reached before the first stage (loading the model)
+        self.stages: dict[str, dict] = {"before": {"peak_rss_mb": self.peak_mb}}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -361,6 +361,45 @@ WIDTH_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_l
               "attention.value_length")
 
 
+@dataclass
+class Layout:
+    """What a model becomes in GGUF: the llama.cpp architecture, and per-layer widths (FFN padded)."""
+
+    target: Target
+    arch: str
+    heads: list[int]
+    kv: list[int]
+    ffn: list[int]
+    pruned_ffn: list[int]
+    head_dim: int
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.heads)) == len(set(self.kv)) == len(set(self.ffn)) == 1
+
+
+def gguf_layout(model: nn.Module, pad_to: int) -> Layout:
+    """The architecture and widths `model` exports as, refusing what llama.cpp's architectures cannot hold."""
+    config = model.config
+    target = TARGETS.get(config.model_type)
+    if target is None:
+        raise HywiaError(f"GGUF export of '{config.model_type}' models is not supported: hywia exports "
+                         f"{', '.join(sorted(TARGETS))} (llama.cpp has no architecture mapped for this family yet)")
+    if pad_to < 1:
+        raise HywiaError(f"--pad-to {pad_to} must be at least 1 (1: no padding)")
+    heads, kv, pruned_ffn, head_dim = widths(model)
+    ffn = [-(-width // pad_to) * pad_to for width in pruned_ffn]
+    layout = Layout(target, "", heads, kv, ffn, pruned_ffn, head_dim)
+    layout.arch = target.uniform if layout.uniform else target.per_layer
+    if layout.arch is None:
+        raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer, "
+                         f"and this model's layers differ: prune it with {UNIFORM_OPTIONS} to export it")
+    if target.heads_fixed and (getattr(config, "hywia_kept_heads", None) or heads[0] != config.num_attention_heads):
+        raise HywiaError(f"llama.cpp's {layout.arch} architecture sizes attention by the hidden size (and its ALiBi slopes by "
+                         f"the head count): heads cannot be pruned for it; prune with {MLP_ONLY_OPTIONS}")
+    return layout
+
+
 def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: str | Path | None = None,
                 overwrite: bool = False, pad_to: int = BLOCK) -> dict:
     """Write `model` (a loaded hywia model) as a GGUF file for llama.cpp; returns what was written.
@@ -372,47 +411,51 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     import gguf
     if kind not in TYPES:
         raise HywiaError(f"unknown --type '{kind}': use {', '.join(TYPES)}")
-    config = model.config
-    target = TARGETS.get(config.model_type)
-    if target is None:
-        raise HywiaError(f"GGUF export of '{config.model_type}' models is not supported: hywia exports "
-                         f"{', '.join(sorted(TARGETS))} (llama.cpp has no architecture mapped for this family yet)")
-    if pad_to < 1:
-        raise HywiaError(f"--pad-to {pad_to} must be at least 1 (1: no padding)")
-    heads, kv, pruned_ffn, head_dim = widths(model)
-    ffn = [-(-width // pad_to) * pad_to for width in pruned_ffn]
-    uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
-    arch = target.uniform if uniform else target.per_layer
-    if arch is None:
-        raise HywiaError(f"llama.cpp's {target.uniform} architecture takes one head count and one FFN width for every layer, "
-                         f"and this model's layers differ: prune it with {UNIFORM_OPTIONS} to export it")
-    if target.heads_fixed and (getattr(config, "hywia_kept_heads", None) or heads[0] != config.num_attention_heads):
-        raise HywiaError(f"llama.cpp's {arch} architecture sizes attention by the hidden size (and its ALiBi slopes by the head "
-                         f"count): heads cannot be pruned for it; prune with {MLP_ONLY_OPTIONS}")
+    layout = gguf_layout(model, pad_to)
     check_weights(model, "nothing was exported")
     if source is None:
         raise HywiaError("export needs the model's source (its folder, .gguf file or packaged name) for the tokenizer")
     src_path = source_gguf(str(source))
-    check_tokenizer_fits(src_path, config.vocab_size)
+    check_tokenizer_fits(src_path, model.config.vocab_size)
     reader = gguf.GGUFReader(src_path) if src_path.suffix == ".gguf" else None
-    src_arch = reader.fields["general.architecture"].contents() if reader is not None else target.uniform
+    src_arch = reader.fields["general.architecture"].contents() if reader is not None else layout.target.uniform
     if reader is None:
-        _check_config_metadata(config, arch)
+        _check_config_metadata(model.config, layout.arch)
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise HywiaError(f"--out {out} must name a .gguf file")
     check_output(out, overwrite, file=True)
+    tensors, fallback = _gguf_tensors(model, layout, gguf.get_tensor_name_map(gguf.MODEL_ARCH[src_arch.upper()], len(layout.heads)), kind)
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src_arch.upper()], len(heads))
+    def metadata(writer) -> None:
+        if reader is not None:
+            _copy_metadata(writer, reader, src_arch, layout.arch)
+        else:
+            layout.target.metadata(writer, model.config, layout.arch, layout.head_dim)
+            writer.add_string("general.name", "hywia model")
+            (_spm_metadata if _spm_tokenizer(src_path) else _tokenizer_metadata)(writer, src_path, model.config.vocab_size)
+
+    _write_gguf(out, layout, kind, metadata, tensors)
+    return {"out": str(out), "arch": layout.arch, "type": kind, "uniform": layout.uniform, "source_gguf": str(src_path),
+            "bytes": out.stat().st_size, "f16_fallback": fallback, "pad_to": pad_to,
+            "padded_channels": sum(layout.ffn) - sum(layout.pruned_ffn),
+            "widths": {"head_count": layout.heads, "head_count_kv": layout.kv, "feed_forward_length": layout.ffn,
+                       "head_dim": layout.head_dim}}
+
+
+def _gguf_tensors(model: nn.Module, layout: Layout, name_map, kind: str) -> tuple[list[tuple], list[str]]:
+    """Every tensor under its llama.cpp name, in llama.cpp's layout and encoded as `kind` (the names kept in f16
+    because their rows do not divide into `kind`'s blocks, second)."""
+    config, target, arch, head_dim = model.config, layout.target, layout.arch, layout.head_dim
     tensors, fallback = [], []
     tied = getattr(config, "tie_word_embeddings", False)
-    for name, value in _unfused(model.state_dict(), heads, kv, head_dim):
+    for name, value in _unfused(model.state_dict(), layout.heads, layout.kv, head_dim):
         if tied and name == "lm_head.weight":
             continue
         gguf_name = name_map.get_name(name.removeprefix(target.prefix), try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise HywiaError(f"no llama.cpp name for tensor {name} of a {config.model_type} model; nothing was exported")
-        value = padded_ffn(gguf_name, value.detach().float().cpu(), ffn)
+        value = padded_ffn(gguf_name, value.detach().float().cpu(), layout.ffn)
         if arch in NORM_ROPE and (".q_proj." in name or ".k_proj." in name):
             value = _permute(value, head_dim)
         if target.reorder is not None:
@@ -427,30 +470,31 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     rope_freqs = _rope_freqs(config, head_dim) if arch in NORM_ROPE else None
     if rope_freqs is not None:
         tensors.append(("rope_freqs.weight", rope_freqs, None))
+    return tensors, fallback
 
+
+def _write_gguf(out: Path, layout: Layout, kind: str, metadata: Callable, tensors: list[tuple]) -> None:
+    """Write the file atomically: a temporary file beside `out`, renamed over it once complete."""
+    import gguf
     folder = out.parent
     folder.mkdir(parents=True, exist_ok=True)
     clear_stale(out)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.hywia-{os.getpid()}-", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
+    arch = layout.arch
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        if reader is not None:
-            _copy_metadata(writer, reader, src_arch, arch)
-        else:
-            target.metadata(writer, config, arch, head_dim)
-            writer.add_string("general.name", "hywia model")
-            (_spm_metadata if _spm_tokenizer(src_path) else _tokenizer_metadata)(writer, src_path, config.vocab_size)
+        metadata(writer)
         writer.add_file_type(FILE_TYPES[kind])
-        values = {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ffn}
+        values = {"attention.head_count": layout.heads, "attention.head_count_kv": layout.kv, "feed_forward_length": layout.ffn}
         for key, per_layer in values.items():
-            if uniform:
+            if layout.uniform:
                 writer.add_uint32(f"{arch}.{key}", per_layer[0])
             else:
                 writer.add_array(f"{arch}.{key}", per_layer)
-        writer.add_uint32(f"{arch}.attention.key_length", head_dim)
-        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+        writer.add_uint32(f"{arch}.attention.key_length", layout.head_dim)
+        writer.add_uint32(f"{arch}.attention.value_length", layout.head_dim)
         for gguf_name, data, raw_dtype in tensors:
             writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
@@ -462,10 +506,6 @@ def export_gguf(model: nn.Module, out: str | Path, kind: str = "f16", source: st
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"out": str(out), "arch": arch, "type": kind, "uniform": uniform, "source_gguf": str(src_path),
-            "bytes": out.stat().st_size, "f16_fallback": fallback, "pad_to": pad_to,
-            "padded_channels": sum(ffn) - sum(pruned_ffn),
-            "widths": {"head_count": heads, "head_count_kv": kv, "feed_forward_length": ffn, "head_dim": head_dim}}
 
 
 def _copy_metadata(writer, reader, src_arch: str, arch: str) -> None:

@@ -42,9 +42,7 @@ after it; recovery that made the model worse on the data it was tuned for is ref
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import resource
 import time
 import warnings
@@ -58,23 +56,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .data import SOURCES, bos_id, consecutive_windows, hub_reachable, load_text, tokenize
-from .data import data_dir as resolve_data_dir
+from .data import bos_id, consecutive_windows, load_text, tokenize
 from .distill import Distillation, check_teacher, distillation_loss
 from .errors import HywiaError, Interrupted
 from .evaluate import window_nll
 from .finite import check_number
 from .options import RANGES, check_values
+from .recipe import check_fields, read_record
 from .shard import check_fsdp, passes, shard
+from .checkpoints import latest_checkpoint, remove_checkpoints, save_checkpoint  # noqa: F401  (remove_checkpoints: API)
+from .instructions import training_examples
 
-PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                     "Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-                   "### Instruction:\n{instruction}\n\n### Response:\n")
-# the full release, the first 5,000 records of it (the shared data dir), an early 102-record sample; first found wins
-ALPACA_FILES = ("alpaca/alpaca_data_cleaned.json", "alpaca/alpaca_data_cleaned.first5000.json", "alpaca/alpaca_data_cleaned.sample.json")
-ALPACA_HUB = "yahma/alpaca-cleaned"
 GUARD_RECORDS = 64
 
 
@@ -101,6 +93,22 @@ class FinetuneSettings:
     eval_every: int | None = None  # held-out perplexity every N steps (and before the first, after the last)
     eval_windows: int = 32  # ... on the first N 128-token windows of WikiText-2 validation
 
+    @staticmethod
+    def load(path: str | Path) -> dict:
+        """The fine-tuning a recovered model's hywia.json records: its settings' fields (each checked for name and
+        type, one line naming the file and the field) and the run's `data` and `teacher`, as `hywia finetune`'s flags."""
+        where = f"--recipe {path}"
+        recorded = read_record(path, "fine-tuned")
+        run = recorded.get("finetune") if isinstance(recorded, dict) else None
+        if not isinstance(run, dict) or not isinstance(run.get("recipe"), dict):
+            raise HywiaError(f"{where} records no fine-tuning recipe: give the hywia.json of a model this hywia fine-tuned")
+        values = dict(run["recipe"])
+        given = {k: values.pop(k) for k in ("data", "teacher") if k in values}
+        check_fields(FinetuneSettings, values, where, "finetune.recipe")
+        if not all(isinstance(v, (str, type(None))) for v in given.values()):
+            raise HywiaError(f"{where}: 'data' and 'teacher' in finetune.recipe are names or paths; correct them")
+        return {**values, **given}
+
 
 @dataclass
 class FinetuneReport:
@@ -125,60 +133,6 @@ class FinetuneReport:
         return {k: v for k, v in asdict(self).items() if k not in ("guard_examples", "guard_loss")}
 
 
-def load_instructions(name: str, data_dir: str | None = None) -> tuple[list[dict], str]:
-    """Instruction records (instruction, input, output) and where they came from; malformed records are named."""
-    path = Path(name).expanduser()
-    if name == "alpaca":
-        local = resolve_data_dir(data_dir)
-        if local is not None:
-            path = next((local / f for f in ALPACA_FILES if (local / f).is_file()), local / ALPACA_FILES[0])
-        elif hub_reachable():
-            import datasets
-            return [dict(r) for r in datasets.load_dataset(ALPACA_HUB, split="train")], ALPACA_HUB
-        else:
-            raise HywiaError(f"cannot load alpaca from the hub (offline); pass --data-dir DIR holding {ALPACA_FILES[0]} or a json/jsonl path")
-    if not path.is_file():
-        raise HywiaError(f"instruction data {path} not found; pass alpaca or a json/jsonl file of instruction/input/output records")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise HywiaError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): give a json/jsonl file of records") from None
-    except OSError as e:
-        raise HywiaError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise HywiaError(f"{path} is not valid JSON/JSONL ({e.msg} at line {e.lineno}); fix the file") from None
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str) \
-                or not isinstance(r.get("input", ""), str):
-            raise HywiaError(f"record {i} of {path} is malformed: each record needs string 'instruction' and 'output' (and optional 'input')")
-    if not records:
-        raise HywiaError(f"{path} holds no records")
-    return records, str(path)
-
-
-def is_instruction_data(name: str) -> bool:
-    """alpaca, or a json/jsonl file of instruction records; anything else (a dataset name, a text file) is text."""
-    path = Path(name).expanduser()
-    if name == "alpaca":
-        return True
-    if name in SOURCES or path.suffix not in (".json", ".jsonl") or not path.is_file():
-        return False
-    with path.open(encoding="utf-8", errors="replace") as f:
-        return '"instruction"' in f.read(4096)
-
-
-def text_examples(name: str, tokenizer, cutoff_len: int, data_dir: str | None) -> tuple[list[torch.Tensor], str]:
-    """Consecutive windows of `cutoff_len` tokens of a training text (a dataset's train split, else its validation
-    split, as calibration reads it; or a file), BOS first where the tokenizer adds it, and where they came from."""
-    text = load_text(name, "train", data_dir, fall_back_to_validation=True)
-    windows = consecutive_windows(tokenize(tokenizer, text.text), cutoff_len, bos_id(tokenizer))
-    if len(windows) == 0:
-        raise HywiaError(f"{text.source} holds fewer than --cutoff-len {cutoff_len} tokens: give more text or a shorter --cutoff-len")
-    return list(windows), f"{text.source} ({len(windows)} windows of {cutoff_len} tokens)"
-
-
 def plan_steps(examples: list[torch.Tensor], settings: FinetuneSettings) -> int:
     """Steps of the run: `max_steps`, or as many as the data order needs to reach `tokens` predicted tokens, or
     `epochs` passes over the data."""
@@ -192,16 +146,6 @@ def plan_steps(examples: list[torch.Tensor], settings: FinetuneSettings) -> int:
         seen += sum(len(examples[i]) - 1 for i in order)
         step += 1
     return step
-
-
-def prompt(record: dict) -> str:
-    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
-    return template.format(instruction=record["instruction"], input=record.get("input", "")) + record["output"]
-
-
-def tokenize_records(records: list[dict], tokenizer, cutoff_len: int) -> list[torch.Tensor]:
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [torch.tensor((tokenizer(prompt(r))["input_ids"] + eos)[:cutoff_len], dtype=torch.long) for r in records]
 
 
 def _collate(examples: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,9 +245,6 @@ def _batch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-OWNED = ".hywia-checkpoints"  # marks a checkpoint folder hywia created, and so may remove once it is empty
-
-
 CURVE_WINDOW = 128  # tokens per held-out window, LLM-Pruner's protocol
 
 
@@ -347,41 +288,115 @@ def _sum_over_processes(processes, trained: dict[str, torch.nn.Parameter], step_
     return flat[-1].item()
 
 
-def _save_checkpoint(directory: Path, step: int, lora: dict[str, torch.nn.Parameter], optimizer, scheduler, recipe: dict,
-                     losses: list[float], tokens: int, curve: list[dict]) -> None:
-    if not directory.exists():
-        directory.mkdir(parents=True)
-        (directory / OWNED).touch()
-    state = {"step": step, "recipe": recipe, "losses": losses, "tokens": tokens, "curve": curve, "rng": torch.get_rng_state(),
-             "lora": {n: p.detach().clone() for n, p in lora.items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    tmp = directory / f".step-{step}.pt.tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, directory / f"step-{step}.pt")  # atomic: a kill leaves the previous checkpoint intact
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise HywiaError(f"cannot write a checkpoint in {directory} ({e.strerror or e}); free disk space or pass another --checkpoint-dir") from None
-    for old in directory.glob("step-*.pt"):
-        if old.name != f"step-{step}.pt":
-            old.unlink()
+@dataclass
+class Training:
+    """A fine-tuning run in progress: the trainable model, its optimizer, where the steps stand, and how to take one."""
 
+    peft_model: nn.Module
+    settings: FinetuneSettings
+    examples: list[torch.Tensor]
+    loss_of: Callable  # (model, micro-batch) -> summed loss
+    processes: PartialState
+    fsdp: bool
+    total: int  # steps of the whole run
+    layers_path: str
+    n_layers: int
+    compute_dtype: torch.dtype
+    checkpoint_dir: Path | None
+    recipe: dict  # what a checkpoint must match to be resumed
+    heldout: torch.Tensor | None = None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    curve: list[dict] = field(default_factory=list)
 
-def remove_checkpoints(directory: Path) -> None:
-    """Remove what hywia wrote in `directory` (step-N.pt and unfinished .step-N.pt.tmp files), and the folder itself
-    only if hywia created it and nothing else is in it: a --checkpoint-dir a user named keeps their own files."""
-    if not directory.is_dir():
-        return
-    for file in [*directory.glob("step-*.pt"), *directory.glob(".step-*.pt.tmp")]:
-        file.unlink()
-    if (directory / OWNED).is_file() and [p.name for p in directory.iterdir()] == [OWNED]:
-        (directory / OWNED).unlink()
-        directory.rmdir()
+    def __post_init__(self) -> None:
+        self.lora = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}  # what is trained
+        self.optimizer = torch.optim.AdamW(list(self.lora.values()), lr=self.settings.lr, weight_decay=0.0)
+        warmup = min(self.settings.warmup_steps, max(1, self.total // 10))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from `checkpoint`: weights, optimizer, scheduler, random state, and where the run stood."""
+        state = torch.load(checkpoint, weights_only=True)
+        if state["recipe"] != self.recipe:
+            raise HywiaError(f"{checkpoint} was made with other settings or data; resume with the same ones, or start a new --checkpoint-dir")
+        named = dict(self.peft_model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["lora"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.losses, self.tokens_seen, self.curve = state["step"], state["losses"], state["tokens"], list(state["curve"])
 
-def _latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if directory.is_dir() else []
-    return found[-1] if found else None
+    def measure(self) -> None:
+        """Held-out perplexity at this step, for the quality-vs-tokens curve (once per step)."""
+        if self.heldout is not None and (self.fsdp or self.processes.is_main_process) and not (self.curve and self.curve[-1]["step"] == self.step):
+            self.curve.append({"step": self.step, "tokens": self.tokens_seen,
+                               "ppl": heldout_ppl(self.peft_model, self.heldout, self.settings.micro_batch_size)})
+
+    def take_step(self) -> float:
+        """One optimizer step over the next effective batch, this process's micro-batches of it; returns its loss."""
+        s = self.settings
+        if s.groups > 1:  # a parameter without grad is skipped by AdamW: its moments wait for its stage
+            trained = stage_layers(self.step, self.total, s.groups, self.n_layers)
+            for name, p in self.lora.items():
+                p.requires_grad_(layer_of(name, self.layers_path) in trained)
+        epoch, k = divmod(self.step, math.ceil(len(self.examples) / s.batch_size))
+        batch = [self.examples[i] for i in _batch_order(len(self.examples), epoch, s.seed)[k * s.batch_size:(k + 1) * s.batch_size]]
+        batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
+        n_tokens = sum(len(e) - 1 for e in batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for j, counts in passes(math.ceil(len(batch) / s.micro_batch_size), self.processes, self.fsdp):
+            torch.manual_seed(_micro_batch_seed(s.seed, self.step, j))  # its dropout masks, whichever process runs it
+            m = j * s.micro_batch_size
+            summed = self.loss_of(self.peft_model, batch[m:m + s.micro_batch_size]) * counts
+            (summed / n_tokens).backward()  # token-weighted mean over the whole effective batch
+            step_loss += summed.item() / n_tokens
+        step_loss = _sum_over_processes(self.processes, self.lora, step_loss)
+        self.tokens_seen += n_tokens
+        if not math.isfinite(step_loss):
+            where = f"; the last good checkpoint is in {self.checkpoint_dir}" if self.checkpoint_dir and self.step else ""
+            fix = "lower --lr" + ("" if self.compute_dtype == torch.float32 else ", or load with --dtype float32")
+            raise HywiaError(f"the loss became {step_loss} at step {self.step + 1} ({str(self.compute_dtype).removeprefix('torch.')} "
+                             f"compute){where}: {fix}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(step_loss)
+        return step_loss
+
+    def run(self, stop_after: int | None) -> None:
+        """Take steps to the end of the run (or `stop_after` of them), measuring and checkpointing as settings say."""
+        s, resumed_from = self.settings, self.step
+        if self.step == 0:
+            self.measure()
+        self.peft_model.train()
+        bar = tqdm(total=self.total, initial=self.step, desc="finetune", unit="step", disable=not self.processes.is_main_process)
+        try:
+            while self.step < self.total and (stop_after is None or self.step - resumed_from < stop_after):
+                bar.set_postfix(loss=f"{self.take_step():.3f}")
+                bar.update(1)
+                if s.eval_every and (self.step % s.eval_every == 0 or self.step == self.total):
+                    self.measure()
+                if self.checkpoint_dir and (self.step % s.save_steps == 0 or self.step == self.total):
+                    if self.processes.is_main_process:
+                        save_checkpoint(self.checkpoint_dir, self.step, self.lora, self.optimizer, self.scheduler, self.recipe,
+                                        self.losses, self.tokens_seen, self.curve)
+                    self.processes.wait_for_everyone()
+        except KeyboardInterrupt as e:
+            latest = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+            if latest is None:
+                raise
+            raise Interrupted(getattr(e, "signal_name", "SIGINT"), f"the checkpoint of {latest.stem} is in {self.checkpoint_dir}: "
+                              "run the same command with --resume to continue") from None
+        finally:
+            bar.close()
+        for p in self.lora.values():
+            p.requires_grad_(True)
+        self.peft_model.eval()
 
 
 def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings = FinetuneSettings(),
@@ -398,9 +413,52 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     """
     start_time = time.perf_counter()
     device = str(device or next(model.parameters()).device)
+    processes = _processes(settings, fsdp, device)
+    if teacher is not None:
+        check_teacher(model.config, teacher.config)
+    examples, records, source = training_examples(data, tokenizer, settings.cutoff_len, settings.max_records, data_dir)
+    compute_dtype = _compute_dtype(model)
+    pad_id, total = pad_id_of(tokenizer), plan_steps(examples, settings)
+    loss_of = _objective(teacher, compute_dtype, pad_id, settings)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    latest = _checkpoint_to_resume(checkpoint_dir, resume)
+    layers_path = adapter_for(model.config).layers
+    n_layers = len(model.get_submodule(layers_path))
+    if not 1 <= settings.groups <= min(n_layers, total):
+        raise HywiaError(f"--groups {settings.groups} must be between 1 and the number of decoder layers ({n_layers}) and of steps ({total})")
+    torch.manual_seed(settings.seed)
+    peft_model = trainable_model(model, settings)  # LoRA starts at zero: the model computes what it did before
+    sharding = shard(peft_model, device) if fsdp else {}
+    if fsdp and teacher is not None:
+        shard(teacher, device)
+    guarded = guard_examples(examples, settings.seed)
+    guard = {"records": len(guarded), "objective": "distillation" if teacher is not None else "nll",
+             "before": mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)}
+    recipe = {"settings": asdict(settings), "data": source, "records": records, "teacher": teacher_name}
+    run = Training(peft_model, settings, examples, loss_of, processes, fsdp, total, layers_path, n_layers, compute_dtype,
+                   checkpoint_dir, recipe, heldout_windows(tokenizer, settings, data_dir))
+    if latest is not None:
+        run.resume(latest)
+    resumed_from = run.step
+    run.run(stop_after)
+    if fsdp:  # a sharded model (and teacher) runs only with every process: the guard's second reading is taken here
+        guard["after"] = mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)
+    # "records": what the source held (after --max-records); "trained": the distinct examples the steps drew from it
+    used = {"source": source, "records": records, "trained": min(len(examples), run.step * settings.batch_size)}
+    on_gpu = torch.device(device).type == "cuda"
+    report = FinetuneReport(asdict(settings), used, run.step, resumed_from, run.losses, time.perf_counter() - start_time,
+                            str(compute_dtype).removeprefix("torch."), guard, guarded, tokens=run.tokens_seen, teacher=teacher_name,
+                            curve=run.curve, guard_loss=loss_of, processes={"count": processes.num_processes, "fsdp": fsdp, **sharding},
+                            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            peak_device_mb=torch.cuda.max_memory_allocated(torch.device(device)) / 2**20 if on_gpu else None)
+    return peft_model, report
+
+
+def _processes(settings: FinetuneSettings, fsdp: bool, device: str) -> PartialState:
+    """The processes of the run (one, or those `accelerate launch` started), after checking the settings against them."""
     if fsdp:
         check_fsdp(settings.train, device)
-    # one process, or those the launcher started (gloo between CPU processes: accelerate reads that from `cpu` only)
+    # gloo between CPU processes: accelerate reads that from `cpu` only
     processes = PartialState(cpu=torch.device(device).type == "cpu")
     if fsdp and not processes.use_distributed:
         raise HywiaError("--fsdp shards the weights over the processes accelerate starts: run it as `accelerate launch "
@@ -408,145 +466,36 @@ def finetune(model, tokenizer, data: str = "alpaca", settings: FinetuneSettings 
     check_values(**{name: value for name, value in asdict(settings).items() if name in RANGES})
     if settings.tokens is not None and settings.max_steps is not None:
         raise HywiaError("--tokens and --max-steps both set the run's length: give one of them")
-    if teacher is not None:
-        check_teacher(model.config, teacher.config)
-    if is_instruction_data(data):
-        records, source = load_instructions(data, data_dir)
-        if settings.max_records is not None:
-            records = records[:settings.max_records]
-        examples = tokenize_records(records, tokenizer, settings.cutoff_len)
-    else:
-        examples, source = text_examples(data, tokenizer, settings.cutoff_len, data_dir)
-        examples = examples[:settings.max_records] if settings.max_records is not None else examples
-        records = examples
-    compute_dtype = next(model.parameters()).dtype
-    if compute_dtype == torch.float16:
-        warnings.warn("float16 overflows in LoRA training (NaN loss); training in bfloat16 instead", stacklevel=2)
+    return processes
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype training computes in: the model's, except float16, which overflows (bfloat16 instead)."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float16:
+        warnings.warn("float16 overflows in LoRA training (NaN loss); training in bfloat16 instead", stacklevel=3)
         model.to(torch.bfloat16)
-        compute_dtype = torch.bfloat16
-    pad_id = pad_id_of(tokenizer)
-    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total = plan_steps(examples, settings)
-    recipe = {"settings": asdict(settings), "data": source, "records": len(records), "teacher": teacher_name}
-    if teacher is not None:
-        teacher.to(compute_dtype).eval().requires_grad_(False)
-        distillation = Distillation(settings.kd_temperature, settings.kd_hidden)
-        loss_of = lambda m, batch: _micro_batch_kd(m, teacher, batch, pad_id, distillation)  # noqa: E731
-    else:
-        loss_of = lambda m, batch: _micro_batch_nll(m, batch, pad_id)  # noqa: E731
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    latest = _latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        return torch.bfloat16
+    return dtype
+
+
+def _objective(teacher: nn.Module | None, dtype: torch.dtype, pad_id: int, settings: FinetuneSettings) -> Callable:
+    """The loss of a micro-batch: next-token NLL, or with a teacher the distillation loss (hywia.distill)."""
+    if teacher is None:
+        return lambda m, batch: _micro_batch_nll(m, batch, pad_id)
+    teacher.to(dtype).eval().requires_grad_(False)
+    distillation = Distillation(settings.kd_temperature, settings.kd_hidden)
+    return lambda m, batch: _micro_batch_kd(m, teacher, batch, pad_id, distillation)
+
+
+def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool) -> Path | None:
+    """The checkpoint `--resume` continues, refusing to start over one by accident or to resume nothing."""
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if latest is not None and not resume:
         raise HywiaError(f"{checkpoint_dir} holds a checkpoint ({latest.name}); pass --resume to continue it, or remove it to start over")
     if resume and latest is None:
         raise HywiaError(f"--resume found no checkpoint in {checkpoint_dir}; run without --resume to start")
-    layers_path = adapter_for(model.config).layers
-    n_layers = len(model.get_submodule(layers_path))
-    if not 1 <= settings.groups <= min(n_layers, total):
-        raise HywiaError(f"--groups {settings.groups} must be between 1 and the number of decoder layers ({n_layers}) and of steps ({total})")
-
-    torch.manual_seed(settings.seed)
-    peft_model = trainable_model(model, settings)  # LoRA starts at zero: the model computes what it did before
-    sharding = None
-    if fsdp:
-        sharding = shard(peft_model, device)
-        if teacher is not None:
-            shard(teacher, device)
-    guarded = guard_examples(examples, settings.seed)
-    guard = {"records": len(guarded), "objective": "distillation" if teacher is not None else "nll",
-             "before": mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)}
-    lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}  # what is trained (LoRA or more)
-    optimizer = torch.optim.AdamW(list(lora.values()), lr=settings.lr, weight_decay=0.0)
-    warmup = min(settings.warmup_steps, max(1, total // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    step, losses, tokens_seen = 0, [], 0
-    if latest is not None:
-        state = torch.load(latest, weights_only=True)
-        if state["recipe"] != recipe:
-            raise HywiaError(f"{latest} was made with other settings or data; resume with the same ones, or start a new --checkpoint-dir")
-        named = dict(peft_model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["lora"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, losses, tokens_seen = state["step"], state["losses"], state["tokens"]
-    resumed_from = step
-
-    heldout = heldout_windows(tokenizer, settings, data_dir)
-    curve = list(state["curve"]) if latest is not None else []
-
-    def measure() -> None:
-        if heldout is not None and (fsdp or processes.is_main_process) and not (curve and curve[-1]["step"] == step):
-            curve.append({"step": step, "tokens": tokens_seen, "ppl": heldout_ppl(peft_model, heldout, settings.micro_batch_size)})
-
-    if step == 0:
-        measure()
-    peft_model.train()
-    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not processes.is_main_process)
-    try:
-        while step < total:
-            if stop_after is not None and step - resumed_from >= stop_after:
-                break
-            if settings.groups > 1:  # a parameter without grad is skipped by AdamW: its moments wait for its stage
-                trained = stage_layers(step, total, settings.groups, n_layers)
-                for name, p in lora.items():
-                    p.requires_grad_(layer_of(name, layers_path) in trained)
-            epoch, k = divmod(step, steps_per_epoch)
-            batch = [examples[i] for i in _batch_order(len(examples), epoch, settings.seed)[k * settings.batch_size:(k + 1) * settings.batch_size]]
-            batch.sort(key=len)  # micro-batches of similar lengths pad less; the step's gradient is the same sum
-            n_tokens = sum(len(e) - 1 for e in batch)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            micro_batches = math.ceil(len(batch) / settings.micro_batch_size)
-            for j, counts in passes(micro_batches, processes, fsdp):  # this process's share of the step
-                torch.manual_seed(_micro_batch_seed(settings.seed, step, j))  # its dropout masks, whichever process runs it
-                m = j * settings.micro_batch_size
-                summed = loss_of(peft_model, batch[m:m + settings.micro_batch_size]) * counts
-                (summed / n_tokens).backward()  # token-weighted mean over the whole effective batch
-                step_loss += summed.item() / n_tokens
-            step_loss = _sum_over_processes(processes, lora, step_loss)
-            tokens_seen += n_tokens
-            if not math.isfinite(step_loss):
-                where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and step else ""
-                fix = "lower --lr" + ("" if compute_dtype == torch.float32 else ", or load with --dtype float32")
-                raise HywiaError(f"the loss became {step_loss} at step {step + 1} ({str(compute_dtype).removeprefix('torch.')} "
-                                 f"compute){where}: {fix}")
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            if settings.eval_every and (step % settings.eval_every == 0 or step == total):
-                measure()
-            if checkpoint_dir and (step % settings.save_steps == 0 or step == total):
-                if processes.is_main_process:
-                    _save_checkpoint(checkpoint_dir, step, lora, optimizer, scheduler, recipe, losses, tokens_seen, curve)
-                processes.wait_for_everyone()
-    except KeyboardInterrupt as e:
-        latest = _latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
-        if latest is None:
-            raise
-        raise Interrupted(getattr(e, "signal_name", "SIGINT"), f"the checkpoint of {latest.stem} is in {checkpoint_dir}: "
-                          "run the same command with --resume to continue") from None
-    finally:
-        bar.close()
-    for p in lora.values():
-        p.requires_grad_(True)
-    peft_model.eval()
-    if fsdp:  # a sharded model (and teacher) runs only with every process: the guard's second reading is taken here
-        guard["after"] = mean_loss(peft_model, guarded, pad_id, settings.micro_batch_size, loss_of)
-    # "records": what the source held (after --max-records); "trained": the distinct examples the steps drew from it
-    used = {"source": source, "records": len(records), "trained": min(len(examples), step * settings.batch_size)}
-    report = FinetuneReport(asdict(settings), used, step, resumed_from, losses,
-                            time.perf_counter() - start_time, str(compute_dtype).removeprefix("torch."), guard, guarded,
-                            tokens=tokens_seen, teacher=teacher_name, curve=curve, guard_loss=loss_of,
-                            processes={"count": processes.num_processes, "fsdp": fsdp, **(sharding or {})},
-                            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                            peak_device_mb=torch.cuda.max_memory_allocated(torch.device(device)) / 2**20 if torch.device(device).type == "cuda" else None)
-    return peft_model, report
+    return latest
 
 
 def merge(peft_model, base=None, settings: FinetuneSettings | None = None):

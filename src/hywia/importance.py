@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .errors import HywiaError
+from .scratch import scratch_dir
 from .grouping import LayerGroups
 from .walk import decoder_layers, walk_layers
 
@@ -136,7 +137,7 @@ class Stats:
     def spill(self) -> Path:
         """A folder for second moments kept on disk (`Moments.spill`), removed with these statistics."""
         if self._spill is None:
-            self._spill = tempfile.TemporaryDirectory(prefix="hywia-moments-")
+            self._spill = scratch_dir("moments")
         return Path(self._spill.name)
 
 

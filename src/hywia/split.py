@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ from torch import nn
 from .errors import HywiaError
 from .finite import check_number
 from .grouping import LayerGroups
+from .reconstruct import PrefixSelect, obs_select, reader_moments, refitted
+
+if TYPE_CHECKING:
+    from .prune import Pruning
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
 SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
@@ -137,3 +142,26 @@ def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], mode
     if not losses:
         raise HywiaError(f"--kind-split evidence found no feasible split at --ratio {ratio}; lower --ratio")
     return min(losses, key=lambda share: (losses[share], abs(share - ratio))), losses
+
+
+def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]]) -> list[float]:
+    """The attention shares the recipe's evidence split screens out on the held-out draw: one, or under evidence-best
+    two where the masked and the refit screens disagree (the masked one's first: the incumbent). Records both screens'
+    losses in the run's `kind_split_evidence`."""
+    r = run.recipe
+    screens: dict[str, Callable | None] = {}
+    if r.kind_split in ("evidence", "evidence-best"):
+        screens["masked"] = None
+    if r.kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
+        inputs = reader_moments(run.model, run.sets, run.walk_ids, r.batch_size, run.memory.device, run.stats.spill)
+        select = PrefixSelect() if run.select is obs_select else run.select  # one greedy run per set, not per candidate
+        screens["refit"] = lambda gone: refitted(run.sets, gone, inputs, r.compensate, select)
+    screened = {}
+    for weighed, candidate in screens.items():
+        chosen, losses = choose_attention_share(allocation, run.model, run.sets, r.ratio, run.stats.heldout_ids, run.means,
+                                                r.batch_size, candidate)
+        screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+    run.extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
+    if len(screened) > 1:
+        run.extra["kind_split_evidence"]["screened"] = screened
+    return list(dict.fromkeys(s["attention_share"] for s in screened.values()))

@@ -1,0 +1,33 @@
+"""Scratch folders for what a prune spills to disk (second moments, the layers built aside).
+
+A prune cleans up its folders when it ends, even on an error or Ctrl-C; a killed process (SIGKILL, out of memory)
+cannot, and at 0.5B one such folder holds 9 GB. So each folder's name carries its process id, and making a folder
+first removes those of hywia processes that no longer run: the next prune cleans up after a killed one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder `hywia-KIND-PID-*`, after removing every `hywia-*-PID-*` folder whose process is gone."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob("hywia-*-*-*"):
+        match = re.fullmatch(r"hywia-[a-z]+-(\d+)-\w+", folder.name)
+        if match and folder.is_dir() and not _running(int(match[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"hywia-{kind}-{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True
