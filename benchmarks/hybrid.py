@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from hywia import load_model, perplexity, prune  # noqa: E402
 from hywia.bench import machine  # noqa: E402
 from hywia.importance import Stats  # noqa: E402
-from hywia.prune import _peak_rss_mb  # noqa: E402
+from hywia.report import peak_rss_mb as _peak_rss_mb  # noqa: E402
 
 # name -> prune keyword arguments; the order is the ingredient chain (each row adds one thing to the row before)
 CONFIGS = {

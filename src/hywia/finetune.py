@@ -61,8 +61,7 @@ from .distill import Distillation, check_teacher, distillation_loss
 from .errors import HywiaError, Interrupted
 from .evaluate import window_nll
 from .finite import check_number
-from .options import RANGES, check_values
-from .recipe import check_fields, read_record
+from .options import RANGES, check_fields, check_values, read_record
 from .shard import check_fsdp, passes, shard
 from .checkpoints import latest_checkpoint, remove_checkpoints, save_checkpoint  # noqa: F401  (remove_checkpoints: API)
 from .instructions import training_examples

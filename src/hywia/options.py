@@ -1,13 +1,17 @@
-"""The allowed range of every numeric option, in one table.
+"""The allowed range of every numeric option, in one table, and the type of every option a recipe file records.
 
 The command line checks every value against it before anything is loaded, and the Python API checks the values it
 is given on entry, so 0 is never read as "unset", a negative count never becomes an empty tensor minutes later, and
-NaN or infinity never reaches the math. Names are the Python names; the messages spell them as flags.
+NaN or infinity never reaches the math. Names are the Python names; the messages spell them as flags. A recipe file
+(hywia.json) is checked field by field against its dataclass (`check_fields`), naming the file and the field.
 """
 from __future__ import annotations
 
+import json
 import math
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import HywiaError
 
@@ -104,3 +108,44 @@ def check_values(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not RANGES[name].admits(value):
             raise HywiaError(f"{flag(name)} {value} is out of range: {RANGES[name].describe()}")
+
+
+def read_record(path: str | Path, made: str) -> object:
+    """The JSON of a saved model's hywia.json (None if it is not JSON); a missing file is one line (`made`: what
+    hywia did to the model whose record is wanted, "pruned" or "fine-tuned")."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HywiaError(f"--recipe {path} not found: give the hywia.json of a model hywia {made}") from None
+    except (OSError, ValueError):
+        return None
+
+
+def check_fields(cls: type, values: dict, where: str, key: str) -> None:
+    """Every field of `values` is one of dataclass `cls`'s, of its type: else one line naming `where` and the field."""
+    if not isinstance(values, dict):
+        raise HywiaError(f"{where}: '{key}' is not an object of option names and values; give a hywia.json hywia wrote")
+    known = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name not in known:
+            raise HywiaError(f"{where}: unknown field '{name}' in {key}; remove it (its fields are the command's options, "
+                             "with - written as _)")
+        kinds = typing.get_args(known[name]) or (known[name],)
+        if not _fits(value, kinds):
+            wanted = " or ".join(_KIND_NAMES[k] for k in kinds if k is not type(None))
+            raise HywiaError(f"{where}: field '{name}' is {json.dumps(value)}, not {wanted}; correct it or remove it")
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _fits(value, kinds: tuple) -> bool:
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds and value == value and abs(value) != float("inf")
+    return isinstance(value, str) and str in kinds

@@ -96,7 +96,8 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
 
 
 def as_recipe(recipe: Recipe | None, options: dict) -> Recipe:
-    """`recipe`, or the one keyword options build (`memory=Memory(...)` as its fields), with those options applied."""
+    """`recipe`, or the one keyword options build (`memory=Memory(...)` as its fields; ratio 0.2 unless given), with
+    those options applied."""
     options = {k: v for k, v in options.items() if v is not None}
     memory = options.pop("memory", None)
     if memory is not None:
@@ -106,7 +107,9 @@ def as_recipe(recipe: Recipe | None, options: dict) -> Recipe:
     unknown = sorted(set(options) - known)
     if unknown:
         raise HywiaError(f"unknown prune option '{unknown[0]}': a prune's options are hywia.Recipe's fields")
-    return Recipe(**options) if recipe is None else Recipe(**{**asdict(recipe), **options})
+    if recipe is None:
+        return Recipe(**{"ratio": 0.2, **options})  # the keyword API's default ratio, as before recipes
+    return Recipe(**{**asdict(recipe), **options})
 
 
 def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, device: str | None,

@@ -11,8 +11,6 @@ runs, not what it does.
 from __future__ import annotations
 
 import argparse
-import json
-import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from .allocate import check_ratio_and_scope
 from .errors import HywiaError
 from .grouping import ATTENTION_UNITS
 from .importance import CRITERIA, Criterion, Memory, get_criterion
-from .options import RANGES, check_values, flag
+from .options import RANGES, check_fields, check_values, flag, read_record
 from .sparsify import SPARSIFIERS, check_options as check_sparsity
 from .split import REFIT_SPLITS, check_split
 
@@ -209,32 +207,6 @@ class Recipe:
         return _from_options(recorded, where)
 
 
-def read_record(path: str | Path, made: str) -> object:
-    """The JSON of a saved model's hywia.json (None if it is not JSON); a missing file is one line (`made`: what
-    hywia did to the model whose record is wanted, "pruned" or "fine-tuned")."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HywiaError(f"--recipe {path} not found: give the hywia.json of a model hywia {made}") from None
-    except (OSError, ValueError):
-        return None
-
-
-def check_fields(cls: type, values: dict, where: str, key: str) -> None:
-    """Every field of `values` is one of dataclass `cls`'s, of its type: else one line naming `where` and the field."""
-    if not isinstance(values, dict):
-        raise HywiaError(f"{where}: '{key}' is not an object of option names and values; give a hywia.json hywia wrote")
-    known = typing.get_type_hints(cls)
-    for name, value in values.items():
-        if name not in known:
-            raise HywiaError(f"{where}: unknown field '{name}' in {key}; remove it (its fields are the command's options, "
-                             "with - written as _)")
-        kinds = typing.get_args(known[name]) or (known[name],)
-        if not _fits(value, kinds):
-            wanted = " or ".join(_KIND_NAMES[k] for k in kinds if k is not type(None))
-            raise HywiaError(f"{where}: field '{name}' is {json.dumps(value)}, not {wanted}; correct it or remove it")
-
-
 def own_split(criterion: Criterion, reconstruct: bool | str | None) -> str:
     """The criterion's default kind split for this run: a split that weighs refit candidates (hywia-adaptive's
     evidence-best) falls back to "evidence" where the run does not reconstruct, so `--reconstruct no` alone gives the
@@ -263,19 +235,3 @@ def _from_options(recorded: dict, where: str) -> tuple[Recipe, dict]:
     if values.get("sequential") is None:
         values.pop("sequential", None)
     return Recipe.from_dict(values, where, "options"), settings
-
-
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _fits(value, kinds: tuple) -> bool:
-    if value is None:
-        return type(None) in kinds
-    if isinstance(value, bool):
-        return bool in kinds
-    if isinstance(value, int):
-        return int in kinds or float in kinds
-    if isinstance(value, float):
-        return float in kinds and value == value and abs(value) != float("inf")
-    return isinstance(value, str) and str in kinds
-
