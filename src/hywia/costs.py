@@ -59,6 +59,7 @@ class Costs:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        release_memory()  # what the last stage freed is not this one's: hand it back before the peak is reset
         self.peak_mb = max(self.peak_mb, _hwm_mb())
         reset = _reset_hwm()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
