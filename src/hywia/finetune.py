@@ -39,6 +39,9 @@ steps as the data order needs to reach it (a pure function of seed and data), so
 
 Guard: the mean loss on `GUARD_RECORDS` training records is measured before training and on the merged model
 after it; recovery that made the model worse on the data it was tuned for is refused (`check_recovery`).
+
+Modules: the training data in hywia.instructions, the objectives and the guard's loss in hywia.losses, checkpoints in
+hywia.checkpoints; this one holds the settings, the model made trainable, the loop (`Training`) and the merge.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .data import bos_id, consecutive_windows, load_text, tokenize
-from .distill import Distillation, check_teacher, distillation_loss
+from .distill import Distillation, check_teacher
 from .errors import HywiaError, Interrupted
 from .evaluate import window_nll
 from .finite import check_number
@@ -65,8 +68,8 @@ from .options import RANGES, check_fields, check_values, read_record
 from .shard import check_fsdp, passes, shard
 from .checkpoints import latest_checkpoint, remove_checkpoints, save_checkpoint  # noqa: F401  (remove_checkpoints: API)
 from .instructions import training_examples
+from .losses import GUARD_RECORDS, guard_examples, mean_loss, micro_batch_kd, micro_batch_nll, pad_id_of  # noqa: F401  (API)
 
-GUARD_RECORDS = 64
 
 
 @dataclass(frozen=True)
@@ -145,56 +148,6 @@ def plan_steps(examples: list[torch.Tensor], settings: FinetuneSettings) -> int:
         seen += sum(len(examples[i]) - 1 for i in order)
         step += 1
     return step
-
-
-def _collate(examples: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(e) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e)], mask[i, :len(e)] = e, 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
-
-
-def _micro_batch_nll(model, batch: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    """Summed next-token NLL of a micro-batch of examples (padding ignored)."""
-    device = next(model.parameters()).device
-    ids, mask, labels = (t.to(device) for t in _collate(batch, pad_id))
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
-
-
-def _micro_batch_kd(model, teacher, batch: list[torch.Tensor], pad_id: int, settings: Distillation) -> torch.Tensor:
-    """Summed distillation loss of a micro-batch (hywia.distill), on the student's device."""
-    device = next(model.parameters()).device
-    ids, mask, _ = (t.to(device) for t in _collate(batch, pad_id))
-    return distillation_loss(model, teacher, ids, mask, settings)
-
-
-@torch.no_grad()
-def mean_loss(model, examples: list[torch.Tensor], pad_id: int, micro_batch_size: int = 4,
-              loss_of: Callable | None = None) -> float:
-    """Token-weighted mean of the training objective `loss_of(model, batch)` (default the NLL) over `examples`, in
-    eval mode (no dropout)."""
-    loss_of = loss_of or (lambda m, batch: _micro_batch_nll(m, batch, pad_id))
-    was_training = model.training
-    model.eval()
-    try:
-        total = sum(loss_of(model, examples[m:m + micro_batch_size]).item()
-                    for m in range(0, len(examples), micro_batch_size))
-    finally:
-        model.train(was_training)
-    return total / sum(len(e) - 1 for e in examples)
-
-
-def guard_examples(examples: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    return [examples[i] for i in order[:GUARD_RECORDS]]
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def lora_model(model, settings: FinetuneSettings):
@@ -481,10 +434,10 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
 def _objective(teacher: nn.Module | None, dtype: torch.dtype, pad_id: int, settings: FinetuneSettings) -> Callable:
     """The loss of a micro-batch: next-token NLL, or with a teacher the distillation loss (hywia.distill)."""
     if teacher is None:
-        return lambda m, batch: _micro_batch_nll(m, batch, pad_id)
+        return lambda m, batch: micro_batch_nll(m, batch, pad_id)
     teacher.to(dtype).eval().requires_grad_(False)
     distillation = Distillation(settings.kd_temperature, settings.kd_hidden)
-    return lambda m, batch: _micro_batch_kd(m, teacher, batch, pad_id, distillation)
+    return lambda m, batch: micro_batch_kd(m, teacher, batch, pad_id, distillation)
 
 
 def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool) -> Path | None:
