@@ -192,9 +192,12 @@ def test_a_killed_prunes_scratch_folder_is_removed_by_the_next(tmp_path, monkeyp
     left = tmp_path / f"hywia-moments-{gone.pid}-abc123"
     alive = tmp_path / f"hywia-aside-{os.getpid()}-def456"
     mine = tmp_path / "hywia-notours"
-    for folder in (left, alive, mine):
+    unmarked = tmp_path / f"hywia-results-{gone.pid}-abc123"  # named like ours, not written by hywia: kept
+    for folder in (left, alive, mine, unmarked):
         folder.mkdir()
         (folder / "layer0.pt").write_bytes(b"x")
+    for folder in (left, alive):
+        (folder / ".hywia-scratch").touch()
     with scratch_dir("moments") as made:
-        assert not left.exists() and alive.exists() and mine.exists()
+        assert not left.exists() and alive.exists() and mine.exists() and unmarked.exists()
         assert Path(made).name.startswith(f"hywia-moments-{os.getpid()}-")

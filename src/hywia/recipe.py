@@ -185,7 +185,8 @@ class Recipe:
         words = {True: "yes", False: "no"}
         record = self.as_dict()
         for name in ("compensate", "reconstruct"):
-            record[name] = words.get(record[name], record[name]) if isinstance(record[name], bool) else record[name]
+            if isinstance(record[name], bool):
+                record[name] = words[record[name]]
         if record["kind_split"] is not None:
             record["kind_split"] = str(record["kind_split"])
         return record

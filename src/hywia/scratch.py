@@ -1,8 +1,9 @@
 """Scratch folders for what a prune spills to disk (second moments, the layers built aside).
 
 A prune cleans up its folders when it ends, even on an error or Ctrl-C; a killed process (SIGKILL, out of memory)
-cannot, and at 0.5B one such folder holds 9 GB. So each folder's name carries its process id, and making a folder
-first removes those of hywia processes that no longer run: the next prune cleans up after a killed one.
+cannot, and at 0.5B one such folder holds 9 GB. So each folder's name carries its process id and holds a MARK file,
+and making a folder first removes those, marked as hywia's, of processes that no longer run: the next prune cleans
+up after a killed one, and a folder hywia did not write is never touched, whatever its name.
 """
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+MARK = ".hywia-scratch"  # written into every scratch folder: what makes a folder hywia's to remove
+
 
 def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder `hywia-KIND-PID-*`, after removing every `hywia-*-PID-*` folder whose process is gone."""
+    """A temporary folder `hywia-KIND-PID-*`, after removing every marked `hywia-*-PID-*` folder whose process is gone."""
     root = Path(tempfile.gettempdir())
     for folder in root.glob("hywia-*-*-*"):
         match = re.fullmatch(r"hywia-[a-z]+-(\d+)-\w+", folder.name)
-        if match and folder.is_dir() and not _running(int(match[1])):
+        if match and (folder / MARK).is_file() and not _running(int(match[1])):
             shutil.rmtree(folder, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"hywia-{kind}-{os.getpid()}-")
+    made = tempfile.TemporaryDirectory(prefix=f"hywia-{kind}-{os.getpid()}-")
+    (Path(made.name) / MARK).touch()
+    return made
 
 
 def _running(pid: int) -> bool:
