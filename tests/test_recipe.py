@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import hywia.methods  # noqa: F401  (registers every method)
 from conftest import tiny_model
-from hywia import Recipe, prune
+from hywia import Recipe, prune, sparsify
 from hywia.errors import HywiaError
 from hywia.importance import CRITERIA
 from hywia.io import load_model
@@ -65,6 +65,27 @@ def test_a_bad_recipe_file_is_one_line_naming_the_field(recipe, message, tmp_pat
 def test_keywords_outside_the_recipe_are_refused_by_name(calib_ids):
     with pytest.raises(HywiaError, match="unknown prune option 'colour'"):
         prune(tiny_model(), method="element2", ratio=0.2, calib=calib_ids, colour="red")
+
+
+def test_unstructured_pruning_takes_the_same_recipe(model_dir, text_dir, tmp_path, capsys):  # noqa: F811
+    flags = ["--method", "sparsegpt", "--pattern", "2:4", "--calib", "wikitext2", "--samples", "2", "--seq-len", "32", "--seed", "3"]
+    code, _, err = run(capsys, "prune", "--model", str(model_dir), *flags, "--data-dir", str(text_dir), "--out", str(tmp_path / "cli"))
+    assert code == 0, err
+    by_flags = load_file(tmp_path / "cli" / "model.safetensors")
+    saved, _ = Recipe.load(tmp_path / "cli" / "hywia.json")
+    assert saved == Recipe(method="sparsegpt", pattern="2:4", calib="wikitext2", samples=2, seq_len=32, seed=3).resolved()
+    for how in ("keywords", "recipe"):
+        model, tokenizer = load_model(str(model_dir), "float32", "cpu")
+        if how == "keywords":
+            _, report = sparsify(model, tokenizer, method="sparsegpt", pattern="2:4", calib="wikitext2", samples=2, seq_len=32, seed=3,
+                                 data_dir=str(text_dir))
+        else:
+            _, report = sparsify(model, tokenizer, saved, data_dir=str(text_dir))
+        assert report.recipe == saved and report.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        assert by_flags.keys() == state.keys() and all(torch.equal(by_flags[k], state[k]) for k in by_flags), how
+    with pytest.raises(HywiaError, match="use hywia.prune"):
+        sparsify(tiny_model(), method="element2", ratio=0.2)
 
 
 def test_a_fine_tuning_replays_from_its_saved_recipe(text_dir, tokenizer, tmp_path, capsys):

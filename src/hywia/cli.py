@@ -301,11 +301,8 @@ def _prune(args) -> dict:
     model, tokenizer = _load_checked(args)
     load_seconds = time.perf_counter() - t0
     if recipe.unstructured:
-        r = recipe.resolved()
-        model, report = sparsify(model, tokenizer, method=r.method, sparsity=r.sparsity, pattern=r.pattern, calib=r.calib,
-                                 samples=r.samples, seq_len=r.seq_len, seed=r.seed, data_dir=args.data_dir,
-                                 batch_size=r.batch_size, **r.method_options)
-        artifacts, record = None, {**report.as_dict(), "recipe": r.as_dict()}
+        model, report = sparsify(model, tokenizer, recipe, data_dir=args.data_dir)
+        artifacts, record = None, report.as_dict()
     else:
         model, report = prune(model, tokenizer, recipe, data_dir=args.data_dir, device=memory_device(args.device))
         artifacts, record = (lambda tmp: write_artifacts(tmp, report)), report.as_dict()  # noqa: E731

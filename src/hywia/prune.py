@@ -10,7 +10,7 @@ its idea, reading and adding to one `Pruning`, the prune in progress.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .errors import HywiaError
 from .finite import check_tensor, check_weights
 from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats
-from .recipe import Recipe
+from .recipe import Recipe, recipe_with
 from .reconstruct import Select, obs_select
 from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths, remove_groups: API)
 from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
@@ -81,7 +81,7 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
     ratio=0.2) and return it with a report. `data_dir` holds local copies of the calibration data; `device` is where
     a sequential walk moves each layer; `stats`, an empty `Stats(seed=...)` or one a previous call filled, is filled
     in place and reused (several options of one criterion on one dense model and draw collect gradients once)."""
-    run = begin(model, tokenizer, as_recipe(recipe, options), data_dir, device, stats)
+    run = begin(model, tokenizer, recipe_with(recipe, options, {"ratio": 0.2}), data_dir, device, stats)
     with run.costs.stage("calibrate"):
         calibrate(run)
     with run.costs.stage("score"), torch.no_grad():
@@ -93,23 +93,6 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
         shares = screen_shares(run, allocation) if run.splits_by_evidence else [None if r.kind_split in SPLITS else float(r.kind_split)]
     share, removed, errors = build(run, scores, allocation, shares)
     return model, report(run, scores, share, removed, errors)
-
-
-def as_recipe(recipe: Recipe | None, options: dict) -> Recipe:
-    """`recipe`, or the one keyword options build (`memory=Memory(...)` as its fields; ratio 0.2 unless given), with
-    those options applied."""
-    options = {k: v for k, v in options.items() if v is not None}
-    memory = options.pop("memory", None)
-    if memory is not None:
-        options.update(layers_per_pass=memory.layers_per_pass, stats_dtype=memory.store_dtype, stats_device=memory.store_device,
-                       checkpointing=memory.checkpointing, sequential=memory.sequential)
-    known = {f.name for f in fields(Recipe)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise HywiaError(f"unknown prune option '{unknown[0]}': a prune's options are hywia.Recipe's fields")
-    if recipe is None:
-        return Recipe(**{"ratio": 0.2, **options})  # the keyword API's default ratio, as before recipes
-    return Recipe(**{**asdict(recipe), **options})
 
 
 def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, device: str | None,

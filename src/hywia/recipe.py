@@ -208,6 +208,23 @@ class Recipe:
         return _from_options(recorded, where)
 
 
+def recipe_with(recipe: Recipe | None, options: dict, defaults: dict) -> Recipe:
+    """`recipe`, or a new one from `defaults` (the keyword API's: a ratio of 0.2 for `hywia.prune`, SparseGPT at 50%
+    for `hywia.sparsify`), with keyword `options` applied over it; `memory=Memory(...)` stands for its five fields.
+    An option that is no field of Recipe is refused by name."""
+    options = {k: v for k, v in options.items() if v is not None}
+    memory = options.pop("memory", None)
+    if memory is not None:
+        options.update(layers_per_pass=memory.layers_per_pass, stats_dtype=memory.store_dtype, stats_device=memory.store_device,
+                       checkpointing=memory.checkpointing, sequential=memory.sequential)
+    unknown = sorted(set(options) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise HywiaError(f"unknown prune option '{unknown[0]}': a prune's options are hywia.Recipe's fields")
+    if recipe is None:
+        return Recipe(**{**defaults, **options})
+    return replace(recipe, **options)
+
+
 def own_split(criterion: Criterion, reconstruct: bool | str | None) -> str:
     """The criterion's default kind split for this run: a split that weighs refit candidates (hywia-adaptive's
     evidence-best) falls back to "evidence" where the run does not reconstruct, so `--reconstruct no` alone gives the

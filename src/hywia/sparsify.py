@@ -20,7 +20,9 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,8 +31,10 @@ from .walk import decoder_layers, walk_layers
 from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_weights
-from .options import check_values
-from .importance import check_method_options
+from .importance import CRITERIA, check_method_options
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 @dataclass
@@ -97,9 +101,11 @@ class SparsityReport:
     peak_rss_mb: float = 0.0
     extra: dict = field(default_factory=dict)
     outcome: str = "unstructured"  # the recipe says which kind of model this is: same shapes, zeros inside
+    recipe: Recipe | None = None  # every option, resolved: what `--recipe` replays
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        record = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "recipe"}
+        return {**record, "recipe": self.recipe.as_dict() if self.recipe is not None else None}
 
 
 def parse_pattern(pattern: str | None) -> Pattern | None:
@@ -178,33 +184,38 @@ def walk(model: nn.Module, ids: torch.Tensor | None, sparsities: dict[str, float
     walk_layers(model, ids, set(sparsities), lambda name, x: stats[name].add(x), prune_layer, batch_size)
 
 
-def sparsify(model: nn.Module, tokenizer=None, method: str = "sparsegpt", sparsity: float | None = 0.5,
-             pattern: str | None = None, calib: str | torch.Tensor = "c4", samples: int = 128, seq_len: int = 2048,
-             seed: int = 0, data_dir: str | None = None, batch_size: int = 1, **options) -> tuple[nn.Module, SparsityReport]:
-    """Zero `sparsity` of the decoder layers' weights (or every `pattern` 'N:M') with `method`, in place.
+def sparsify(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, data_dir: str | None = None,
+             **options) -> tuple[nn.Module, SparsityReport]:
+    """Zero the decoder layers' weights in place by `recipe` (an unstructured method: its `sparsity`, or every
+    `pattern` 'N:M'), or by the Recipe that keyword `options` build (SparseGPT at 50% unless they say otherwise).
 
-    `calib` is a dataset name or file (tokenized with `tokenizer`) or token ids [n, seq_len]; SparseGPT's and
+    Calibration is a dataset name or file (tokenized with `tokenizer`) or token ids [n, seq_len]; SparseGPT's and
     Wanda's papers calibrate on 128 C4 windows of 2048 tokens, the defaults. Returns the model and a report
-    whose `per_matrix` holds each matrix's achieved sparsity."""
+    whose `per_matrix` holds each matrix's achieved sparsity and whose `recipe` is the one resolved."""
+    from .recipe import recipe_with  # recipe.py checks unstructured options with this module's registry
+    fifty = {} if "sparsity" in options or options.get("pattern") is not None else {"sparsity": 0.5}
+    r = recipe_with(recipe, options, {"method": "sparsegpt", **fifty})
+    if r.method in CRITERIA:
+        raise HywiaError(f"--method {r.method} removes whole groups (structured): use hywia.prune for it")
+    r = r.check().resolved()
     start = time.perf_counter()
-    options = {k: v for k, v in options.items() if v is not None}
-    check_values(samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
-    sparsifier = check_options(method, sparsity, pattern, options)
+    options = r.method_options
+    sparsifier = SPARSIFIERS[r.method]
     check_weights(model, "sparsify a model whose weights are all finite")
-    parsed = parse_pattern(pattern)
-    target = parsed[0] / parsed[1] if parsed else sparsity
+    parsed = parse_pattern(r.pattern)
+    target = parsed[0] / parsed[1] if parsed else r.sparsity
     matrices = linears(model)
     ids, calib_record = None, {"samples": 0}
     if sparsifier.needs_data:
-        context = getattr(model.config, "max_position_embeddings", None) or seq_len
-        ids, calib_record = calibration_ids(model, tokenizer, calib, samples, min(seq_len, context), seed, data_dir)
+        context = getattr(model.config, "max_position_embeddings", None) or r.seq_len
+        ids, calib_record = calibration_ids(model, tokenizer, r.calib, r.samples, min(r.seq_len, context), r.seed, data_dir)
     sparsities = sparsifier.allocate(model, matrices, ids, target, options) if sparsifier.allocate else dict.fromkeys(matrices, target)
-    walk(model, ids, sparsities, sparsifier, parsed, options, batch_size)
+    walk(model, ids, sparsities, sparsifier, parsed, options, r.batch_size)
     per_matrix = {name: (m.weight == 0).float().mean().item() for name, m in matrices.items()}
     zeros = sum(int((m.weight == 0).sum()) for m in matrices.values())
     prunable = sum(m.weight.numel() for m in matrices.values())
-    report = SparsityReport(method, target, zeros / prunable, pattern, sum(p.numel() for p in model.parameters()), prunable,
-                            zeros, per_matrix, calib_record, seed, extra={"options": options, "allocated": sparsities})
+    report = SparsityReport(r.method, target, zeros / prunable, r.pattern, sum(p.numel() for p in model.parameters()), prunable,
+                            zeros, per_matrix, calib_record, r.seed, extra={"options": options, "allocated": sparsities}, recipe=r)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return model, report
