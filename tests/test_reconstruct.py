@@ -82,13 +82,17 @@ def test_greedy_obs_updates_end_at_the_refit_of_what_they_removed():
     w, x = correlated_layer(features=24)
     h = x @ x.T
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened(h)))
-    updated = w.clone()
+    updated, live = w.clone(), torch.arange(24)  # live: the original column of each of updated's columns
     for batch in (torch.tensor([3, 7, 11]), torch.tensor([0]), torch.tensor([20, 21])):
-        obs_remove(updated, inverse, batch)
-    gone = torch.tensor([0, 3, 7, 11, 20, 21])
-    keep = torch.tensor([c for c in range(24) if c not in gone])
-    assert updated[:, gone].abs().max() < 1e-8
-    torch.testing.assert_close(updated[:, keep], refit(w, h, keep)[0], rtol=1e-7, atol=1e-9)
+        dropped = torch.isin(live, batch)
+        updated, inverse = obs_remove(updated, inverse, dropped.nonzero().flatten(), (~dropped).nonzero().flatten())
+        live = live[~dropped]
+    keep = torch.tensor([c for c in range(24) if c not in (0, 3, 7, 11, 20, 21)])
+    assert torch.equal(live, keep) and inverse.shape == (18, 18)
+    torch.testing.assert_close(updated, refit(w, h, keep)[0], rtol=1e-7, atol=1e-9)
+    # the carried block is the inverse of the kept columns' dampened Hessian: what a fresh start would use
+    full = dampened(h)
+    torch.testing.assert_close(inverse, torch.linalg.inv(full[keep][:, keep]), rtol=1e-6, atol=1e-9)
 
 
 def test_slimgpt_removes_a_duplicated_channel_before_a_cheap_looking_one():
