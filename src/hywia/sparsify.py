@@ -17,21 +17,21 @@ weights of a row along the input dimension (2:4 and 4:8 are the patterns sparse 
 """
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from collections.abc import Callable
-import copy
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .walk import decoder_layers, walk_layers
 from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_weights
 from .importance import CRITERIA, check_method_options
+from .walk import decoder_layers, walk_layers
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -192,7 +192,9 @@ def sparsify(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, 
     Calibration is a dataset name or file (tokenized with `tokenizer`) or token ids [n, seq_len]; SparseGPT's and
     Wanda's papers calibrate on 128 C4 windows of 2048 tokens, the defaults. Returns the model and a report
     whose `per_matrix` holds each matrix's achieved sparsity and whose `recipe` is the one resolved."""
-    from .recipe import recipe_with  # recipe.py checks unstructured options with this module's registry
+    from .recipe import (
+        recipe_with,  # recipe.py checks unstructured options with this module's registry
+    )
     fifty = {} if "sparsity" in options or options.get("pattern") is not None else {"sparsity": 0.5}
     r = recipe_with(recipe, options, {"method": "sparsegpt", **fifty})
     if r.method in CRITERIA:
