@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, Member, adapter_for
+from .costs import trim_heap
 from .errors import HywiaError
 
 KINDS = ("attention", "mlp", "query")
@@ -87,6 +88,7 @@ class LayerGroups:
         """Sum a per-weight tensor (shaped like each parameter) within every group, slot by slot: [count, n_slots]."""
         columns = [per_weight(slot).float().movedim(slot.dim, 0).narrow(0, slot.offset, self.count * slot.size)
                    .reshape(self.count, -1).sum(1).cpu() for slot in self.slots]
+        trim_heap()  # the per-weight temporaries: at 0.5B, untrimmed, a scoring pass left 1.6 GB of them resident
         return torch.stack(columns, dim=1)
 
     def sum(self, per_weight: Callable[[Slot], torch.Tensor]) -> torch.Tensor:

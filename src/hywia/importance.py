@@ -57,12 +57,6 @@ class Moments:
         if self.outer:
             self.cross = self.cross + x.T @ x
 
-    @property
-    def second_moment(self) -> torch.Tensor:
-        """E[x x^T] over the observations (needs outer=True): the expected squared output error of dropping input
-        columns R of a Linear W is tr(W_R E[x_R x_R^T] W_R^T)."""
-        return self.full() / self.count
-
     def full(self) -> torch.Tensor:
         """X^T X (needs outer=True), read back from disk if it was spilled."""
         return torch.load(self.cross, weights_only=True) if isinstance(self.cross, Path) else self.cross

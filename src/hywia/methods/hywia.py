@@ -68,7 +68,7 @@ def output_error(s: LayerGroups, gone: torch.Tensor, moments: Moments, centred: 
     (or, `centred`, replaced by their calibration means)."""
     module = s.reader.module
     columns = s.reader.indices(gone)
-    second = moments.second_moment.cpu()[columns][:, columns]
+    second = moments.full().cpu()[columns][:, columns] / moments.count  # E[x x^T] of these columns, not of all
     if centred:
         mean = moments.mean.cpu()[columns]
         second = second - torch.outer(mean, mean)
