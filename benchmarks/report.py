@@ -85,6 +85,34 @@ def cost_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_by_size_table(records: list[dict]) -> str:
+    """Prune seconds and peak memory of each method and ratio on each model (one quiet process a row), the peak as a
+    multiple of the float32 weights and the time as a multiple of SlimGPT's on the same model; under it, per method
+    and ratio, the power law seconds = c * params^k fitted on the sizes measured and what it gives at 7B and 70B
+    (the same machine: an extrapolation of the fit, not a measurement)."""
+    import math
+    lines = ["| model | params | method | ratio | prune s | × SlimGPT | peak RSS GB | × float32 weights |", "|---|---|---|---|---|---|---|---|"]
+    slim = {(r["row"]["model"], r["row"]["ratio"]): r["prune_seconds"] for r in records if r["row"]["method"] == "slimgpt"}
+    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["ratio"])):
+        row, weights_gb = r["row"], 4 * r["params_before"] / 1e9
+        versus = r["prune_seconds"] / slim[(row["model"], row["ratio"])] if (row["model"], row["ratio"]) in slim else float("nan")
+        lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {row['method']} | {row['ratio']:.0%} | "
+                     f"{r['prune_seconds']:,.0f} | {versus:.2f} | {r['peak_rss_mb'] / 1024:.1f} | {r['peak_rss_mb'] / 1024 / weights_gb:.2f} |")
+    lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|"]
+    for (method, ratio) in sorted({(r["row"]["method"], r["row"]["ratio"]) for r in records}):
+        points = sorted((r["params_before"], r["prune_seconds"]) for r in records
+                        if (r["row"]["method"], r["row"]["ratio"]) == (method, ratio))
+        if len({p for p, _ in points}) < 2:
+            continue
+        x = [math.log(p) for p, _ in points]
+        y = [math.log(t) for _, t in points]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        k = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+        at = lambda params: math.exp(my + k * (math.log(params) - mx)) / 3600  # noqa: E731
+        lines.append(f"| {method} | {ratio:.0%} | {len(points)} | k = {k:.2f} | {at(7e9):,.1f} h | {at(7e10):,.0f} h |")
+    return "\n".join(lines)
+
+
 TASK_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaS."), ("winogrande", "WinoG."), ("arc_easy", "ARC-e"),
                 ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"))
 
@@ -462,6 +490,10 @@ if __name__ == "__main__":
         print(quality_table([r for r in quality if r["row"]["method"] not in ("l1",)], samples))
     print("\n## Same calibration windows, paired by seed (ratio < 1: the first is better)\n")
     print(paired_table(quality))
+    by_size = load("cost_by_size.jsonl")
+    if by_size:
+        print("\n## Prune cost by model size (one quiet process a row)\n")
+        print(cost_by_size_table(by_size))
     cost = load("prune_cost.jsonl")
     if cost:
         print("\n## Prune cost\n")
