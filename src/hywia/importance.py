@@ -55,7 +55,7 @@ class Moments:
         self.total = self.total + x.sum(0)
         self.squares = self.squares + x.square().sum(0)
         if self.outer:
-            self.cross = self.cross + x.T @ x
+            self.cross = x.T @ x if isinstance(self.cross, float) else self.cross.add_(x.T @ x)  # in place after the first
 
     def full(self) -> torch.Tensor:
         """X^T X (needs outer=True), read back from disk if it was spilled."""

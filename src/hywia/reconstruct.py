@@ -174,7 +174,10 @@ def accumulate(m: Moments, x: torch.Tensor) -> None:
     x = x.detach().reshape(-1, x.shape[-1]).float()
     m.count += len(x)
     m.total = m.total + x.sum(0).double()
-    m.cross = m.cross + (x.T @ x).double()
+    if isinstance(m.cross, float):  # the first batch
+        m.cross = (x.T @ x).double()
+    else:
+        m.cross.add_(x.T @ x)  # promoted to float64 in place: no second [in, in] float64 tensor per batch
 
 
 def reader_moments(model: nn.Module, sets: list[LayerGroups], ids: torch.Tensor, batch_size: int,
