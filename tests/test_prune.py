@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from hywia import CRITERIA, HywiaError, find_groups, prune
-from hywia.prune import allocate, remove_groups
+from hywia.allocate import allocate
+from hywia.removal import remove_groups
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
 
@@ -199,8 +200,8 @@ def test_mlp_may_be_emptied_only_when_asked():
 def test_wanda_sp_weighs_down_proj_columns_by_channel_activation_norms(calib_ids):
     """Wanda-sp's MLP score from an independent computation: the MLP input captured at the block, the channel
     activations silu(gate x) * up x recomputed by hand, then sum_i |W_down[i, c]| * ||a_c||_2."""
+    from hywia.calibrate import score_groups
     from hywia.importance import get_criterion
-    from hywia.prune import score_groups
 
     model = tiny_model("llama")
     mlp = model.model.layers[1].mlp
@@ -226,8 +227,8 @@ def test_wanda_sp_needs_no_gradient(calib_ids):
 def test_flap_scores_standardised_weighted_input_variance(calib_ids):
     """FLAP's MLP scores from an independent computation: each layer's channel activations captured at down_proj,
     their unbiased variance over tokens times the squared down_proj column norms, standardised over all layers."""
+    from hywia.calibrate import score_groups
     from hywia.importance import get_criterion
-    from hywia.prune import score_groups
 
     model = tiny_model("llama")
     captured = {}

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
-from hywia import HywiaError, find_groups, load_model, prune, save_model
-from hywia.prune import allocate
 from test_io import assert_reloads_and_generates, fresh_process_logits
 from test_io import logits as reload_ids_logits
 from test_prune import logits, masked_reference, mean_substituted_reference
+
+from hywia import HywiaError, find_groups, load_model, prune, save_model
+from hywia.allocate import allocate
 
 N_KV, N_REP, HEAD_DIM = 4, 2, 8  # tiny_model: 8 query heads over 4 KV heads
 

@@ -131,7 +131,7 @@ def test_evidence_best_judges_the_built_models_on_a_draw_of_its_own(text_dir):
     held-out windows (10 windows mis-ranked 2% gaps on Gemma-3-270M): the recorded losses are those of the fixed-share
     prunes on exactly that draw, and the record says which draw it was."""
     from hywia.data import calibration_ids
-    from hywia.prune import JUDGE_SEED
+    from hywia.calibrate import JUDGE_SEED
     dense, seed = tiny_model("llama", seed=2), 0
     options = dict(method="hywia-adaptive", ratio=0.3, calib="wikitext2", data_dir=str(text_dir), samples=4, seq_len=24,
                    reconstruct_samples=8, seed=seed)

@@ -5,8 +5,9 @@ from .evaluate import perplexity
 from .grouping import find_groups
 from .importance import CRITERIA
 from .io import load_model, save_model
-from .prune import PruneReport, prune
+from .prune import prune
 from .recipe import Recipe
+from .report import PruneReport
 from .sparsify import SPARSIFIERS, SparsityReport, sparsify
 
 __all__ = ["CRITERIA", "SPARSIFIERS", "HywiaError", "PruneReport", "Recipe", "SparsityReport", "find_groups", "load_model", "perplexity",

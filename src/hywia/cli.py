@@ -378,7 +378,7 @@ def _finetune(args) -> dict:
 
 def _eval(args) -> dict:
     from .evaluate import perplexity
-    from .prune import count_params
+    from .report import count_params
 
     if getattr(args, "backend", "transformers") == "llama.cpp":
         from . import llama_cpp

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from .prune import PruneReport  # noqa: E402
+from .report import PruneReport  # noqa: E402
 
 LABELS = {"fine": "fine-grained only (Element²)", "coarse": "coarse-grained only (Vector)", "fused": "hybrid (fused)"}
 

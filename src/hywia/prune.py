@@ -18,8 +18,7 @@ from torch import nn
 from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
-from .calibrate import (HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats,  # noqa: F401  (JUDGE_SEED: API)
-                        score_groups)  # noqa: F401
+from .calibrate import HELDOUT_SEED, calibration_stats, heldout_stats
 from .costs import Costs, release_memory
 from .data import calibration_ids
 from .errors import HywiaError
@@ -28,7 +27,7 @@ from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats
 from .recipe import Recipe, recipe_with
 from .reconstruct import Select, obs_select
-from .removal import kept_groups, layer_widths, remove_groups  # noqa: F401  (layer_widths, remove_groups: API)
+from .removal import kept_groups
 from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
 from .split import SPLITS, attention_kind, screen_shares
 
