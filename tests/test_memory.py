@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 from hywia import HywiaError, load_model, prune, save_model
 from hywia.importance import Memory, Stats, collect_inputs, get_criterion
 from hywia.grouping import find_groups
@@ -201,3 +201,41 @@ def test_a_killed_prunes_scratch_folder_is_removed_by_the_next(tmp_path, monkeyp
     with scratch_dir("moments") as made:
         assert not left.exists() and alive.exists() and mine.exists() and unmarked.exists()
         assert Path(made).name.startswith(f"hywia-moments-{os.getpid()}-")
+
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *OTHER_FAMILIES])
+def test_a_walk_shares_layer_arguments_across_batches_of_one_size_and_still_computes_every_layer(family):
+    """A walk runs each layer on the keyword arguments captured from the first batch of each size: they must be what
+    every other batch of that size gets in the model's own pass, and the walked inputs of the last layer's MLP reader
+    those of the model's own pass."""
+    from hywia.walk import _capture, decoder_layers, walk_layers
+    model = tiny_model(family)
+    ids = torch.randint(0, 260, (7, 24), generator=torch.Generator().manual_seed(0))  # batches of 3, 3 and 1
+    _, layers = decoder_layers(model)
+    hidden, kwargs = _capture(model, layers, ids, batch_size=3)
+    reader = find_groups(model, "mlp")[-1].reader.name
+    own_inputs: list[torch.Tensor] = []
+    for b, start in enumerate(range(0, len(ids), 3)):
+        own: list[dict] = []
+        handles = [layer.register_forward_pre_hook(lambda m, a, kw: own.append(kw), with_kwargs=True) for layer in layers]
+        handles.append(layers[0].register_forward_pre_hook(lambda m, a, kw: own.append(a[0] if a else kw["hidden_states"]),
+                                                           with_kwargs=True))
+        handles.append(model.get_submodule(reader).register_forward_pre_hook(lambda m, a: own_inputs.append(a[0])))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids[start:start + 3], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        torch.testing.assert_close(hidden[b], own[1], rtol=0, atol=0)  # what entered layer 0
+        for index, kw in enumerate(own[:1] + own[2:]):
+            assert kwargs[index][b].keys() == {k for k in kw if k != "hidden_states"}, (family, index)
+            for key, value in kwargs[index][b].items():
+                if isinstance(value, (torch.Tensor, tuple)):
+                    torch.testing.assert_close(value, kw[key], rtol=0, atol=0)
+                else:
+                    assert value == kw[key], (family, index, key)
+    walked: list[torch.Tensor] = []
+    walk_layers(model, ids, {reader}, lambda name, x: walked.append(x), batch_size=3)
+    torch.testing.assert_close(torch.cat(walked), torch.cat(own_inputs))

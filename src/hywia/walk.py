@@ -33,28 +33,45 @@ class _Stop(Exception):
 
 
 def _capture(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering layer 0 per batch, and the keyword arguments each layer receives per batch."""
+    """Hidden states entering layer 0 per batch, and the keyword arguments each layer receives per batch.
+
+    A layer's keyword arguments (rotary embeddings, causal or sliding-window masks, ALiBi, positions) depend on the
+    batch's shape, not on its tokens: calibration windows carry no padding. So they are taken from one forward pass
+    through the layers for the first batch of each size and shared by the other batches of that size, whose pass
+    stops at layer 0 once its input is known (before, every batch ran through every layer here: a third of a walk's
+    forward compute). `tests/test_memory.py` checks the shared arguments equal each batch's own, for every family."""
     hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
+    known: dict[int, list[dict]] = {}  # batch size -> each layer's keyword arguments for a batch of that size
+    taking: list[dict] = []
 
     def hook(index):
         def grab(module, args, kw):
             if index == 0:
                 hidden.append(args[0] if args else kw["hidden_states"])
-            kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if len(taking) == index and len(hidden[-1]) not in known:
+                taking.append({k: v for k, v in kw.items() if k != "hidden_states"})
+            else:
+                raise _Stop  # this batch's size is known: its layer-0 input is all it adds
             if index == len(layers) - 1:
                 raise _Stop  # the last layer's inputs are known: skip it, the norm and the LM head
         return grab
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
+    kwargs: list[list[dict]] = [[] for _ in layers]
     try:
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
+                taking.clear()
                 try:
                     model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
                 except _Stop:
                     pass
+                size = len(hidden[-1])
+                if size not in known:
+                    known[size] = list(taking)
+                for index in range(len(layers)):
+                    kwargs[index].append(known[size][index])
     finally:
         for handle in handles:
             handle.remove()
