@@ -2,6 +2,7 @@
 what stays resident between stages.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/stage_memory.py --model smollm2-135m --ratio 0.2
+    HYWIA_DATA_DIR=../shared/data python benchmarks/stage_memory.py --model qwen2.5-coder-0.5b --ratio 0.5 --stop-after score
 
 Prints one line per event; run it alone on the machine. Figures in docs/RESULTS.md name the commit they ran at.
 """
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--stop-after", default=None, help="end the prune once this stage has exited (e.g. score)")
     args = parser.parse_args()
     stage = costs.Costs.stage
 
@@ -39,6 +41,8 @@ def main() -> None:
         with stage(self, name):
             yield
         print(f"{name}: exit {rss_mb():.0f} MB (stage peak {self.stages[name]['peak_rss_mb']} MB)", flush=True)
+        if name == args.stop_after:
+            raise SystemExit(0)
 
     walk_layers = walk.walk_layers
 
