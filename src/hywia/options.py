@@ -7,6 +7,8 @@ NaN or infinity never reaches the math. Names are the Python names; the messages
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import typing
@@ -149,3 +151,10 @@ def _fits(value, kinds: tuple) -> bool:
     if isinstance(value, float):
         return float in kinds and value == value and abs(value) != float("inf")
     return isinstance(value, str) and str in kinds
+
+
+def report_record(report, skip: tuple[str, ...] = ()) -> dict:
+    """A prune or sparsity report as hywia.json holds it: its fields copied (those in `skip` left out) and its recipe
+    as the recipe records itself (token ids by their shape)."""
+    record = {f.name: copy.deepcopy(getattr(report, f.name)) for f in dataclasses.fields(report) if f.name not in (*skip, "recipe")}
+    return {**record, "recipe": report.recipe.as_dict() if report.recipe is not None else None}

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import resource
-import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from torch import nn
 from .allocate import allocate
 from .errors import HywiaError
 from .grouping import LayerGroups
+from .options import report_record
 from .recipe import Recipe
 
 
@@ -38,8 +38,7 @@ class PruneReport:
     recipe: Recipe | None = None  # every option, resolved: what `--recipe` replays
 
     def as_dict(self) -> dict:
-        record = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("scores", "recipe")}
-        return {**record, "recipe": self.recipe.as_dict() if self.recipe is not None else None}
+        return report_record(self, skip=("scores",))
 
 
 def kept_params_per_layer(sets: list[LayerGroups], removed: list[torch.Tensor]) -> dict[int, int]:

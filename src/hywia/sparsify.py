@@ -17,11 +17,10 @@ weights of a row along the input dimension (2:4 and 4:8 are the patterns sparse 
 """
 from __future__ import annotations
 
-import copy
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_weights
 from .importance import CRITERIA, check_method_options
+from .options import report_record
 from .walk import decoder_layers, walk_layers
 
 if TYPE_CHECKING:
@@ -104,8 +104,7 @@ class SparsityReport:
     recipe: Recipe | None = None  # every option, resolved: what `--recipe` replays
 
     def as_dict(self) -> dict:
-        record = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "recipe"}
-        return {**record, "recipe": self.recipe.as_dict() if self.recipe is not None else None}
+        return report_record(self)
 
 
 def parse_pattern(pattern: str | None) -> Pattern | None:
@@ -192,9 +191,7 @@ def sparsify(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, 
     Calibration is a dataset name or file (tokenized with `tokenizer`) or token ids [n, seq_len]; SparseGPT's and
     Wanda's papers calibrate on 128 C4 windows of 2048 tokens, the defaults. Returns the model and a report
     whose `per_matrix` holds each matrix's achieved sparsity and whose `recipe` is the one resolved."""
-    from .recipe import (
-        recipe_with,  # recipe.py checks unstructured options with this module's registry
-    )
+    from .recipe import recipe_with  # noqa: I001  (lazy: recipe.py checks unstructured options with this registry)
     fifty = {} if "sparsity" in options or options.get("pattern") is not None else {"sparsity": 0.5}
     r = recipe_with(recipe, options, {"method": "sparsegpt", **fifty})
     if r.method in CRITERIA:

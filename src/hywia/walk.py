@@ -38,7 +38,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_s
     A layer's keyword arguments (rotary embeddings, causal or sliding-window masks, ALiBi, positions) depend on the
     batch's shape, not on its tokens: calibration windows carry no padding. So they are taken from one forward pass
     through the layers for the first batch of each size and shared by the other batches of that size, whose pass
-    stops at layer 0 once its input is known (before, every batch ran through every layer here: a third of a walk's
+    stops at layer 0 once its input is known (running every batch through every layer would add a third to a walk's
     forward compute). `tests/test_memory.py` checks the shared arguments equal each batch's own, for every family."""
     hidden: list[torch.Tensor] = []
     known: dict[int, list[dict]] = {}  # batch size -> each layer's keyword arguments for a batch of that size
