@@ -1,6 +1,7 @@
 """Tiny randomly initialised models built in memory, and the real data dir when it is around."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def text_dir(tmp_path):
                       ("wikitext2", "wiki.test.tokens"), ("ptb", "ptb.test.txt"), ("ptb", "ptb.valid.txt")):
         (tmp_path / sub).mkdir(exist_ok=True)
         (tmp_path / sub / name).write_text(wiki if sub == "wikitext2" else "\n".join(f" {l}" for l in lines) + "\n")
+    (tmp_path / "c4").mkdir()  # C4 as the shared data holds it: one JSON document a line
+    documents = [" ".join(reversed(words[i:i + 30])) for i in range(0, len(words), 30)]
+    (tmp_path / "c4" / "c4-train.00000-of-01024.first1000.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     return tmp_path
 
 

@@ -126,30 +126,63 @@ def test_split_options_are_refused_with_the_fix(calib_ids):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, scope="global", kind_split=0.9)
 
 
-def test_evidence_best_judges_the_built_models_on_a_draw_of_its_own(text_dir):
-    """The two built models are compared on `judge_samples` windows drawn with their own seed, not on the screens'
-    held-out windows (10 windows mis-ranked 2% gaps on Gemma-3-270M): the recorded losses are those of the fixed-share
-    prunes on exactly that draw, and the record says which draw it was."""
-    from hywia.data import calibration_ids
+def test_evidence_best_judges_the_built_models_on_draws_of_their_own_from_two_texts(text_dir):
+    """The two built models are compared on `judge_samples` windows of the calibration text and as many of a second
+    text (C4 beside WikiText-2), drawn with their own seed, not on the screens' held-out windows (10 windows
+    mis-ranked 2% gaps on Gemma-3-270M): the recorded losses are those of the fixed-share prunes on exactly those
+    windows, the verdict is judged_share's on each text, and the record says which draws they were."""
     from hywia.calibrate import JUDGE_SEED
+    from hywia.data import calibration_ids
     dense, seed = tiny_model("llama", seed=2), 0
     options = dict(method="hywia-adaptive", ratio=0.3, calib="wikitext2", data_dir=str(text_dir), samples=4, seq_len=24,
                    reconstruct_samples=8, seed=seed)
     pruned, report = prune(copy.deepcopy(dense), byte_tokenizer(), judge_samples=12, kind_split="evidence-best", **options)
     evidence, judge = report.extra["kind_split_evidence"], report.calibration["judge"]
+    assert report.recipe.judge_calib == "c4" and set(judge["texts"]) == {"wikitext2", "c4"}
     assert len({s["attention_share"] for s in evidence["screened"].values()}) == 2
     assert judge["samples"] == 12 and judge["seed"] == seed + JUDGE_SEED and report.calibration["heldout_seed"] != judge["seed"]
-    judge_ids, _ = calibration_ids(dense, byte_tokenizer(), "wikitext2", 12, 24, seed + JUDGE_SEED, str(text_dir))
+    judge_ids = torch.cat([calibration_ids(dense, byte_tokenizer(), text, 12, 24, seed + JUDGE_SEED, str(text_dir))[0]
+                           for text in ("wikitext2", "c4")])
     heldout_ids, _ = calibration_ids(dense, byte_tokenizer(), "wikitext2", 4, 24, report.calibration["heldout_seed"], str(text_dir))
-    assert not torch.equal(judge_ids[:4], heldout_ids)
-    for share, loss in evidence["judge_loss"].items():
-        fixed, _ = prune(copy.deepcopy(dense), byte_tokenizer(), kind_split=share, **options)
-        assert heldout_loss(fixed, judge_ids, 4) == pytest.approx(loss, abs=1e-5)
+    assert not torch.equal(judge_ids[:4], heldout_ids) and not torch.equal(judge_ids[:12], judge_ids[12:])
     per_window = {share: window_losses(prune(copy.deepcopy(dense), byte_tokenizer(), kind_split=share, **options)[0], judge_ids, 4)
                   for share in evidence["judge_loss"]}
-    kept, verdict = judged_share(per_window, incumbent=evidence["screened"]["masked"]["attention_share"])
-    assert kept == evidence["attention_share"] and verdict == pytest.approx(evidence["judge"], abs=1e-6)
+    for share, loss in evidence["judge_loss"].items():
+        assert per_window[share].double().mean().item() == pytest.approx(loss, abs=1e-5)
+    texts = {"wikitext2": slice(0, 12), "c4": slice(12, 24)}
+    kept, verdict = judged_share(per_window, incumbent=evidence["screened"]["masked"]["attention_share"], texts=texts)
+    recorded = evidence["judge"]
+    assert kept == evidence["attention_share"] and set(verdict["texts"]) == {"wikitext2", "c4"} and verdict["windows"] == 24
+    for mine, theirs in [(verdict, recorded)] + [(verdict["texts"][t], recorded["texts"][t]) for t in texts]:
+        assert {k: mine[k] for k in ("difference", "standard_error", "windows")} == pytest.approx(
+            {k: theirs[k] for k in ("difference", "standard_error", "windows")}, abs=1e-6)
     assert heldout_loss(pruned, judge_ids, 4) == pytest.approx(evidence["judge_loss"][kept], abs=1e-5)
+
+
+def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_before_any_work(text_dir, calib_ids):
+    """`judge_calib="none"` judges on the calibration text alone (the windows and verdict of one text); a recipe
+    recorded before the second text existed replays that way; a data dir without the second text is one line naming
+    the fixes, raised at the calibrate stage."""
+    from hywia.recipe import Recipe, _judged_as_recorded
+    options = dict(method="hywia-adaptive", ratio=0.3, calib="wikitext2", data_dir=str(text_dir), samples=4, seq_len=24,
+                   reconstruct_samples=8, judge_samples=6)
+    _, report = prune(tiny_model("llama", seed=2), byte_tokenizer(), judge_calib="none", **options)
+    assert list(report.calibration["judge"]["texts"]) == ["wikitext2"] and "texts" not in report.extra["kind_split_evidence"]["judge"]
+    assert report.extra["kind_split_evidence"]["judge"]["windows"] == 6
+    old = Recipe(method="hywia-adaptive", ratio=0.3, kind_split="evidence-best")
+    assert _judged_as_recorded(old, {"method": "hywia-adaptive"}).judge_calib == "none"
+    assert _judged_as_recorded(old, {"judge_calib": None}).judge_calib is None
+    assert Recipe(method="hywia-adaptive", ratio=0.3, calib="c4").resolved().judge_calib == "wikitext2"
+    assert Recipe(method="hywia-adaptive", ratio=0.3, calib=calib_ids).resolved().judge_calib == "none"
+    assert Recipe(method="hywia-adaptive", ratio=0.3, reconstruct=False).resolved().judge_calib is None
+    (text_dir / "c4" / "c4-train.00000-of-01024.first1000.jsonl").unlink()
+    with pytest.raises(HywiaError, match="--judge-calib c4.*--judge-calib none") as caught:
+        prune(tiny_model("llama", seed=2), byte_tokenizer(), **options)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(HywiaError, match="is the calibration text already"):
+        prune(tiny_model(), byte_tokenizer(), judge_calib="wikitext2", **options)
+    with pytest.raises(HywiaError, match="--judge-calib sets how --kind-split evidence-best judges"):
+        prune(tiny_model(), byte_tokenizer(), judge_calib="c4", **{**options, "kind_split": "evidence", "judge_samples": None})
 
 
 def test_the_judge_keeps_the_incumbent_unless_the_other_wins_beyond_the_noise():
@@ -166,6 +199,12 @@ def test_the_judge_keeps_the_incumbent_unless_the_other_wins_beyond_the_noise():
     assert kept == 0.25 and verdict["difference"] == pytest.approx(-0.01, abs=1e-6) and verdict["standard_error"] > 0.01 / JUDGE_MARGIN
     assert judged_share({0.25: incumbent, 0.5: incumbent + 0.05}, incumbent=0.25)[0] == 0.25
     assert judged_share({0.0: incumbent[:1], 0.1: incumbent[:1] - 1}, incumbent=0.0)[0] == 0.0
+    # two texts: a steady gain on the first and a steady loss on the second keeps the incumbent, gains on both move it
+    split = {"first": slice(0, 50), "second": slice(50, 100)}
+    mixed = torch.cat([incumbent[:50] - 0.02, incumbent[50:] + 0.01]) + 0.001 * noise
+    kept, verdict = judged_share({0.25: incumbent, 0.5: mixed}, incumbent=0.25, texts=split)
+    assert kept == 0.25 and verdict["difference"] < 0 and verdict["texts"]["second"]["difference"] > 0
+    assert judged_share({0.25: incumbent, 0.5: incumbent - 0.01 + 0.001 * noise}, incumbent=0.25, texts=split)[0] == 0.5
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])

@@ -3,7 +3,8 @@
 Without reconstruction, the allocated groups are removed at once (hywia.removal); with it, layer by layer with the
 readers refit (hywia.reconstruct). Where evidence-best's two screens left two shares, both are built (the incumbent,
 the masked screen's, beside the model one layer at a time: hywia.aside, never a second model in memory) and judged on
-a draw of their own (hywia.split.judged_share); the loser's layers are dropped.
+draws of their own, one of the calibration text and one of a second text (hywia.split.judged_share); the loser's
+layers are dropped.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import torch
 
 from .allocate import round_kept
 from .aside import Aside
-from .calibrate import JUDGE_SEED
 from .grouping import find_groups
 from .importance import Scores
 from .reconstruct import remove_and_refit
@@ -35,9 +35,7 @@ def build(run: Pruning, scores: Scores, allocation: Callable[[float | None], lis
     if len(shares) == 1:
         with run.costs.stage("build"):
             return (shares[0], *build_share(run, scores, allocation, shares[0]))
-    r = run.recipe
-    judge_ids, run.calib_record["judge"] = run.draw(r.judge_samples, r.seed + JUDGE_SEED)
-    run.calib_record["judge"]["seed"] = r.seed + JUDGE_SEED
+    r, judge_ids = run.recipe, run.judge_ids
     with run.costs.stage("build aside"):  # shares[0] is the masked screen's: the incumbent, built beside the model
         aside = Aside(run.model, lambda m: find_groups(m, r.target, r.layers, r.attention_unit), judge_ids)
         results = {shares[0]: build_share(run, scores, allocation, shares[0], aside)}
@@ -45,7 +43,7 @@ def build(run: Pruning, scores: Scores, allocation: Callable[[float | None], lis
     with run.costs.stage("build"):
         results[shares[1]] = build_share(run, scores, allocation, shares[1])
         per_window[shares[1]] = window_losses(run.model, judge_ids, r.batch_size)
-    share, verdict = judged_share(per_window, incumbent=shares[0])
+    share, verdict = judged_share(per_window, incumbent=shares[0], texts=run.judge_texts)
     aside.restore() if share == shares[0] else aside.close()  # the incumbent wins: its layers come back from disk
     run.extra["kind_split_evidence"].update(attention_share=share, judge=verdict,
                                             judge_loss={s: losses.double().mean().item() for s, losses in per_window.items()})

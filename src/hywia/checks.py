@@ -130,6 +130,13 @@ def _check_prune(args: argparse.Namespace) -> None:
     if args.layers:
         layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
     _check_text(args.calib, "--calib", args.data_dir, ("train", "validation"))
+    judge = None if recipe.unstructured else recipe.resolved().judge_calib
+    if judge not in (None, "none"):
+        try:
+            _check_text(judge, "--judge-calib", args.data_dir, ("train", "validation"))
+        except HywiaError as e:
+            raise HywiaError(f"{e}; the judge of --kind-split evidence-best reads this second text: add it, name another "
+                             "with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
     if args.gguf is not None:

@@ -18,7 +18,7 @@ from torch import nn
 from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
-from .calibrate import HELDOUT_SEED, calibration_stats, heldout_stats
+from .calibrate import HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats
 from .costs import Costs, release_memory
 from .data import calibration_ids
 from .errors import HywiaError
@@ -47,6 +47,8 @@ class Pruning:
     reused: bool = False
     ids: torch.Tensor | None = None  # the calibration draw
     walk_ids: torch.Tensor | None = None  # the reconstruction draw
+    judge_ids: torch.Tensor | None = None  # evidence-best's judge draw: each judge text's windows in turn
+    judge_texts: dict[str, slice] = field(default_factory=dict)  # which of judge_ids each text's windows are
     calib_record: dict = field(default_factory=lambda: {"samples": 0})
     extra: dict = field(default_factory=dict)
     costs: Costs = field(default_factory=Costs)
@@ -54,10 +56,10 @@ class Pruning:
     params_before: int = 0
     prunable_before: int = 0
 
-    def draw(self, samples: int, seed: int) -> tuple[torch.Tensor, dict]:
-        """`samples` windows of the recipe's length from its calibration text, seeded by `seed`."""
+    def draw(self, samples: int, seed: int, text: str | None = None) -> tuple[torch.Tensor, dict]:
+        """`samples` windows of the recipe's length from its calibration text (or `text`), seeded by `seed`."""
         r = self.recipe
-        return calibration_ids(self.model, self.tokenizer, r.calib, samples, r.seq_len, seed, self.data_dir)
+        return calibration_ids(self.model, self.tokenizer, r.calib if text is None else text, samples, r.seq_len, seed, self.data_dir)
 
     @property
     def select(self) -> Select | None:
@@ -118,6 +120,8 @@ def calibrate(run: Pruning) -> None:
     r = run.recipe
     if run.criterion.needs_data or r.compensate:
         run.ids, run.calib_record = run.draw(r.samples, r.seed)
+    if r.kind_split == "evidence-best" and run.splits_by_evidence:
+        draw_judge(run)
     run.stats = calibration_stats(run.model, run.sets, run.criterion, run.ids, r.seed, r.batch_size, r.compensate, run.stats, run.memory)
     moments = run.criterion.heldout is not None and run.criterion.heldout(r.method_options)
     if moments or run.splits_by_evidence:
@@ -126,6 +130,27 @@ def calibrate(run: Pruning) -> None:
         run.calib_record["heldout_seed"] = r.seed + HELDOUT_SEED
     if r.reconstruct:
         run.walk_ids, run.calib_record["reconstruct"] = run.draw(r.reconstruct_samples, r.seed)
+
+
+def draw_judge(run: Pruning) -> None:
+    """evidence-best's judge windows: a draw of the calibration text and one of the second judge text (--judge-calib),
+    seeded apart from every other draw; drawn before the statistics, so a missing text stops the prune before any work."""
+    r = run.recipe
+    seed, draws, records = r.seed + JUDGE_SEED, [], {}
+    for text in [r.calib] + ([] if r.judge_calib == "none" else [r.judge_calib]):
+        name = text if isinstance(text, str) else "token ids"
+        try:
+            ids, records[name] = run.draw(r.judge_samples, seed, text)
+        except HywiaError as e:
+            if text is r.calib:
+                raise
+            raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: add it, name "
+                             "another text with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
+        start = sum(len(d) for d in draws)
+        run.judge_texts[name] = slice(start, start + len(ids))
+        draws.append(ids)
+    run.judge_ids = torch.cat(draws)
+    run.calib_record["judge"] = {**next(iter(records.values())), "seed": seed, "texts": records}
 
 
 def score(run: Pruning) -> Scores:

@@ -24,7 +24,7 @@ from .split import REFIT_SPLITS, check_split
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
                    "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "judge_samples",
-                   "layers_per_pass", "stats_dtype", "stats_device")
+                   "judge_calib", "layers_per_pass", "stats_dtype", "stats_device")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
                        "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128, "judge_samples": 100}
@@ -58,6 +58,7 @@ class Recipe:
     reconstruct: bool | str | None = None
     reconstruct_samples: int | None = None
     judge_samples: int | None = None
+    judge_calib: str | None = None  # evidence-best's second judge text ("none": the calibration text only)
     min_keep: int | None = None
     round_to: int | None = None
     fusion: str | None = None
@@ -133,9 +134,14 @@ class Recipe:
         if self.reconstruct_samples is not None and not refits:
             raise HywiaError(f"--reconstruct-samples sets the windows a reconstruction fits on, and --method {self.method} does "
                              "not reconstruct here: add --reconstruct obs (or yes), or leave --reconstruct-samples out")
-        if self.judge_samples is not None and kind_split != "evidence-best":
-            raise HywiaError("--judge-samples sets the windows that judge --kind-split evidence-best's two built models: add "
-                             "--kind-split evidence-best, or leave --judge-samples out")
+        for name in ("judge_samples", "judge_calib"):
+            if getattr(self, name) is not None and kind_split != "evidence-best":
+                raise HywiaError(f"{flag(name)} sets how --kind-split evidence-best judges its two built models: add "
+                                 f"--kind-split evidence-best, or leave {flag(name)} out")
+        calib = STRUCTURED_DEFAULTS["calib"] if self.calib is None else self.calib
+        if self.judge_calib is not None and isinstance(calib, str) and self.judge_calib == calib:
+            raise HywiaError(f"--judge-calib {self.judge_calib} is the calibration text already: name a second text (c4, "
+                             "wikitext2, ptb or a file), or none to judge on the calibration text alone")
         if (self.target or "both") not in ("attention", "mlp", "both"):
             raise HywiaError(f"unknown target '{self.target}': use attention, mlp or both")
         self.memory().check()
@@ -156,6 +162,8 @@ class Recipe:
                 filled.pop("reconstruct_samples", None)
             if filled.get("kind_split", self.kind_split) != "evidence-best":
                 filled.pop("judge_samples", None)
+            elif self.judge_calib is None:
+                filled["judge_calib"] = second_text(filled.get("calib", self.calib))
         return replace(self, **filled)
 
     def as_dict(self) -> dict:
@@ -204,8 +212,9 @@ class Recipe:
             settings = {k: recorded[k] for k in RUN_SETTINGS if recorded.get(k) is not None}
             if recorded.get("base_model"):  # a recovered model's record: the prune started from the dense model
                 settings["model"] = recorded["base_model"]
-            return cls.from_dict(recorded["recipe"], where), settings
-        return _from_options(recorded, where)
+            return _judged_as_recorded(cls.from_dict(recorded["recipe"], where), recorded["recipe"]), settings
+        recipe, settings = _from_options(recorded, where)
+        return _judged_as_recorded(recipe, recorded["options"]), settings
 
 
 def recipe_with(recipe: Recipe | None, options: dict, defaults: dict) -> Recipe:
@@ -223,6 +232,21 @@ def recipe_with(recipe: Recipe | None, options: dict, defaults: dict) -> Recipe:
     if recipe is None:
         return Recipe(**{**defaults, **options})
     return replace(recipe, **options)
+
+
+def second_text(calib: object) -> str:
+    """evidence-best's default second judge text: C4 (general web text) beside a calibration text that is not C4,
+    WikiText-2 beside C4; "none" where calibration came as token ids (no text to draw a second one beside)."""
+    if not isinstance(calib, str):
+        return "none"
+    return "wikitext2" if calib == "c4" else "c4"
+
+
+def _judged_as_recorded(recipe: Recipe, recorded: dict) -> Recipe:
+    """A recipe recorded before the judge read a second text judged on its calibration text alone: replay it so."""
+    if "judge_calib" not in recorded and recipe.kind_split == "evidence-best":
+        return replace(recipe, judge_calib="none")
+    return recipe
 
 
 def own_split(criterion: Criterion, reconstruct: bool | str | None) -> str:

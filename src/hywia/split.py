@@ -106,18 +106,30 @@ def window_losses(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch
     return torch.cat(losses)
 
 
-def judged_share(losses: dict[float, torch.Tensor], incumbent: float) -> tuple[float, dict]:
+def judged_share(losses: dict[float, torch.Tensor], incumbent: float, texts: dict[str, slice] | None = None) -> tuple[float, dict]:
     """Of two built models' per-window losses on the same windows, the incumbent's share (the masked screen's, what
     `evidence` alone builds) unless the other's mean loss is lower by more than JUDGE_MARGIN standard errors of the
-    paired differences. Two built models 1-2% apart were ranked one way by one 100-window draw and the other way by
-    another (docs/reconstruction.md): a difference inside the draw's noise is no reason to leave the default's share.
-    Returns the kept share and the record: the mean difference (other - incumbent), its standard error, the margin."""
+    paired differences on every one of `texts` (name -> its windows; default: all windows, one text). Two built
+    models 1-2% apart were ranked one way by one 100-window draw and the other way by another, and a share that won on
+    WikiText-2 lost 17% on PTB (docs/reconstruction.md): a difference inside a draw's noise, or a gain on one kind of
+    text only, is no reason to leave the default's share. Returns the kept share and the record: over all windows
+    the mean difference (other - incumbent) and its standard error, the margin, and the same for each text."""
     (other,) = [share for share in losses if share != incumbent]
     difference = losses[other].double() - losses[incumbent].double()
+    texts = texts or {"calibration": slice(0, len(difference))}
+    per_text = {name: _paired(difference[where]) for name, where in texts.items()}
+    wins = all(v["difference"] < -JUDGE_MARGIN * v["standard_error"] for v in per_text.values())
+    record = {**_paired(difference), "margin": JUDGE_MARGIN}
+    if len(texts) > 1:
+        record["texts"] = per_text
+    return (other if wins else incumbent), record
+
+
+def _paired(difference: torch.Tensor) -> dict:
+    """Mean of paired per-window differences, its standard error (inf for one window: no noise estimate) and count."""
     n = len(difference)
     error = (difference.std() / math.sqrt(n)).item() if n > 1 else math.inf
-    kept = other if difference.mean().item() < -JUDGE_MARGIN * error else incumbent
-    return kept, {"difference": difference.mean().item(), "standard_error": error, "margin": JUDGE_MARGIN, "windows": n}
+    return {"difference": difference.mean().item(), "standard_error": error, "windows": n}
 
 
 def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], model: nn.Module, sets: list[LayerGroups],
