@@ -208,6 +208,7 @@ CASES = {
     "data dir missing": (P + R + ["--data-dir", "/no/such/dir"], "data dir /no/such/dir does not exist"),
     "data dir is a file": (P + R + ["--data-dir", "{world}/afile"], "afile is a file, not a folder"),
     "calib split not in the data dir": (P + R + ["--calib", "c4"], "--calib c4: its train or validation split is not in data dir"),
+    "judge text not in the data dir": (P + R + ["--judge-calib", "c4"], "--judge-calib c4: its train or validation split is not in data dir"),
     "out exists": (P + R + ["--out", "{world}/existing"], "already exists; pass --overwrite"),
     "out under a file": (P + R + ["--out", "{world}/afile/pruned"], "is a file, not a folder"),
     "out not writable": (P + R + ["--out", "/proc/hywia-out"], "cannot write in /proc"),

@@ -161,8 +161,9 @@ def test_evidence_best_judges_the_built_models_on_draws_of_their_own_from_two_te
 
 def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_before_any_work(text_dir, calib_ids):
     """`judge_calib="none"` judges on the calibration text alone (the windows and verdict of one text); a recipe
-    recorded before the second text existed replays that way; a data dir without the second text is one line naming
-    the fixes, raised at the calibrate stage."""
+    recorded before the second text existed replays that way; a second text the user named and the data dir lacks
+    is one line naming the fixes, raised before the statistics; a default one it lacks falls back to the calibration
+    text alone with a warning, and the recipe records it."""
     from hywia.recipe import Recipe, _judged_as_recorded
     options = dict(method="hywia-adaptive", ratio=0.3, calib="wikitext2", data_dir=str(text_dir), samples=4, seq_len=24,
                    reconstruct_samples=8, judge_samples=6)
@@ -177,8 +178,11 @@ def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_b
     assert Recipe(method="hywia-adaptive", ratio=0.3, reconstruct=False).resolved().judge_calib is None
     (text_dir / "c4" / "c4-train.00000-of-01024.first1000.jsonl").unlink()
     with pytest.raises(HywiaError, match="--judge-calib c4.*--judge-calib none") as caught:
-        prune(tiny_model("llama", seed=2), byte_tokenizer(), **options)
+        prune(tiny_model("llama", seed=2), byte_tokenizer(), judge_calib="c4", **options)
     assert "\n" not in str(caught.value)
+    with pytest.warns(UserWarning, match="reads the calibration text alone"):  # the default second text falls back, said and recorded
+        _, fallback = prune(tiny_model("llama", seed=2), byte_tokenizer(), **options)
+    assert fallback.recipe.judge_calib == "none" and list(fallback.calibration["judge"]["texts"]) == ["wikitext2"]
     with pytest.raises(HywiaError, match="is the calibration text already"):
         prune(tiny_model(), byte_tokenizer(), judge_calib="wikitext2", **options)
     with pytest.raises(HywiaError, match="--judge-calib sets how --kind-split evidence-best judges"):

@@ -130,7 +130,7 @@ def _check_prune(args: argparse.Namespace) -> None:
     if args.layers:
         layer_slice(args.layers)  # the syntax now; the range once the layer count is known (check_config)
     _check_text(args.calib, "--calib", args.data_dir, ("train", "validation"))
-    judge = None if recipe.unstructured else recipe.resolved().judge_calib
+    judge = recipe.judge_calib  # named by the user: it must be there (the default falls back, hywia.prune.draw_judge)
     if judge not in (None, "none"):
         try:
             _check_text(judge, "--judge-calib", args.data_dir, ("train", "validation"))

@@ -115,7 +115,8 @@ def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
                    "own, on which the two built models are compared, window by window (default 100, at least 2)")
     p.add_argument("--judge-calib", default=None, help="--kind-split evidence-best: a second text the judge draws as many windows "
                    "from; the refit share is kept only if it wins beyond the noise on both texts (default c4, wikitext2 when "
-                   "calibrating on c4; none: the calibration text alone)")
+                   "calibrating on c4, the calibration text alone with a warning where that cannot be read; none: the "
+                   "calibration text alone)")
     p.add_argument("--min-keep", type=int, default=None, help="groups every layer keeps (default 1; MLP may go to 0, attention keeps 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, default=None, help="keep a multiple of N MLP channels in every layer (e.g. 8 or 64)")

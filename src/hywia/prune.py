@@ -10,7 +10,8 @@ its idea, reading and adding to one `Pruning`, the prune in progress.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ class Pruning:
     walk_ids: torch.Tensor | None = None  # the reconstruction draw
     judge_ids: torch.Tensor | None = None  # evidence-best's judge draw: each judge text's windows in turn
     judge_texts: dict[str, slice] = field(default_factory=dict)  # which of judge_ids each text's windows are
+    judge_given: bool = False  # --judge-calib named by the user: a missing text is an error, not a fallback
     calib_record: dict = field(default_factory=lambda: {"samples": 0})
     extra: dict = field(default_factory=dict)
     costs: Costs = field(default_factory=Costs)
@@ -106,12 +108,12 @@ def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, dev
     check_weights(model, "prune a model whose weights are all finite (NaN would spread through compensation and scores)")
     if stats is not None and stats.seed != recipe.seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {recipe.seed}")
-    criterion = recipe.criterion
+    criterion, judge_given = recipe.criterion, recipe.judge_calib is not None
     recipe = recipe.resolved(grouped_query=adapter_for(model.config).query is not None)
     memory = recipe.memory(device)
     memory.check()
     sets = find_groups(model, recipe.target, recipe.layers, recipe.attention_unit)
-    return Pruning(model, tokenizer, recipe, criterion, sets, memory, data_dir, stats, stats is not None,
+    return Pruning(model, tokenizer, recipe, criterion, sets, memory, data_dir, stats, stats is not None, judge_given=judge_given,
                    params_before=count_params(model), prunable_before=sum(s.count * s.params_per_group for s in sets))
 
 
@@ -134,7 +136,8 @@ def calibrate(run: Pruning) -> None:
 
 def draw_judge(run: Pruning) -> None:
     """evidence-best's judge windows: a draw of the calibration text and one of the second judge text (--judge-calib),
-    seeded apart from every other draw; drawn before the statistics, so a missing text stops the prune before any work."""
+    seeded apart from every other draw; drawn before the statistics, so a missing text named by the user stops the prune
+    before any work (a missing default one leaves the calibration text alone, with a warning, recorded in the recipe)."""
     r = run.recipe
     seed, draws, records = r.seed + JUDGE_SEED, [], {}
     for text in [r.calib] + ([] if r.judge_calib == "none" else [r.judge_calib]):
@@ -144,8 +147,13 @@ def draw_judge(run: Pruning) -> None:
         except HywiaError as e:
             if text is r.calib:
                 raise
-            raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: add it, name "
-                             "another text with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
+            if run.judge_given:
+                raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: add it, name "
+                                 "another text with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
+            warnings.warn(f"the judge of --kind-split evidence-best reads the calibration text alone: its default second text, "
+                          f"{text}, is not reachable ({e}); the recipe records --judge-calib none", stacklevel=2)
+            run.recipe = replace(r, judge_calib="none")
+            break
         start = sum(len(d) for d in draws)
         run.judge_texts[name] = slice(start, start + len(ids))
         draws.append(ids)
