@@ -11,6 +11,7 @@ runs, not what it does.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -210,6 +211,7 @@ class Recipe:
                              "have none): give the hywia.json of a model this hywia pruned")
         if "recipe" in recorded:
             settings = {k: recorded[k] for k in RUN_SETTINGS if recorded.get(k) is not None}
+            _check_settings(settings, where)
             if recorded.get("base_model"):  # a recovered model's record: the prune started from the dense model
                 settings["model"] = recorded["base_model"]
             return _judged_as_recorded(cls.from_dict(recorded["recipe"], where), recorded["recipe"]), settings
@@ -242,6 +244,14 @@ def second_text(calib: object) -> str:
     return "wikitext2" if calib == "c4" else "c4"
 
 
+def _check_settings(settings: dict, where: str) -> None:
+    """The run settings recorded beside a recipe (model, dtype, device, data dir) are names or paths: text."""
+    for name, value in settings.items():
+        if value is not None and not isinstance(value, str):
+            raise HywiaError(f"{where}: '{name}' is {json.dumps(value)}, not a name or path; give the {name} as text, "
+                             f"or pass --{name.replace('_', '-')} on the command line")
+
+
 def _judged_as_recorded(recipe: Recipe, recorded: dict) -> Recipe:
     """A recipe recorded before the judge read a second text judged on its calibration text alone: replay it so."""
     if "judge_calib" not in recorded and recipe.kind_split == "evidence-best":
@@ -264,6 +274,7 @@ def _from_options(recorded: dict, where: str) -> tuple[Recipe, dict]:
     if not isinstance(options, dict):
         raise HywiaError(f"{where}: 'options' is not an object of option names and values; give a hywia.json hywia wrote")
     settings = {k: options[k] for k in RUN_SETTINGS if k in options}
+    _check_settings(settings, where)
     values = {k: v for k, v in options.items() if k not in RUN_SETTINGS}
     for name in ("compensate", "reconstruct"):
         if isinstance(values.get(name), str) and values[name] in YES_NO:
