@@ -25,7 +25,7 @@ from .grouping import layer_slice, parse_layers
 from .importance import CRITERIA
 from .io import ACCELERATE_MAPS, DTYPES, check_model_ref, check_output, check_writable
 from .options import RANGES, check_values, flag
-from .recipe import STRUCTURED_DEFAULTS, UNSTRUCTURED_DEFAULTS, Recipe
+from .recipe import JUDGE_CALIB_FIX, STRUCTURED_DEFAULTS, UNSTRUCTURED_DEFAULTS, Recipe
 from .sparsify import SPARSIFIERS
 
 def is_unstructured(method: str) -> bool:
@@ -135,8 +135,7 @@ def _check_prune(args: argparse.Namespace) -> None:
         try:
             _check_text(judge, "--judge-calib", args.data_dir, ("train", "validation"))
         except HywiaError as e:
-            raise HywiaError(f"{e}; the judge of --kind-split evidence-best reads this second text: add it, name another "
-                             "with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
+            raise HywiaError(f"{e}; the judge of --kind-split evidence-best reads this second text: {JUDGE_CALIB_FIX}") from None
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
     if args.gguf is not None:

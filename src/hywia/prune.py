@@ -26,7 +26,7 @@ from .errors import HywiaError
 from .finite import check_tensor, check_weights
 from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats
-from .recipe import Recipe, recipe_with
+from .recipe import JUDGE_CALIB_FIX, Recipe, recipe_with
 from .reconstruct import Select, obs_select
 from .removal import kept_groups
 from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
@@ -148,8 +148,8 @@ def draw_judge(run: Pruning) -> None:
             if text is r.calib:
                 raise
             if run.judge_given:
-                raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: add it, name "
-                                 "another text with --judge-calib, or judge on the calibration text alone with --judge-calib none") from None
+                raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: "
+                                 f"{JUDGE_CALIB_FIX}") from None
             warnings.warn(f"the judge of --kind-split evidence-best reads the calibration text alone: its default second text, "
                           f"{text}, is not reachable ({e}); the recipe records --judge-calib none", stacklevel=2)
             run.recipe = replace(r, judge_calib="none")

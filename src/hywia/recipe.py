@@ -35,6 +35,8 @@ METHOD_OPTIONS = {"structured": ("fusion", "alpha", "fusion_dim", "normalize", "
 YES_NO = {"yes": True, "no": False}  # --compensate and --reconstruct on the command line and in older recipes
 RECONSTRUCT = {None: None, "yes": True, "no": False, "obs": "obs"}  # --reconstruct -> Recipe.reconstruct
 RUN_SETTINGS = ("model", "dtype", "device", "data_dir")  # recorded beside a recipe, not in it
+JUDGE_CALIB_FIX = ("add it, name another text with --judge-calib, or judge on the calibration text alone with "
+                   "--judge-calib none")  # the fix for a --judge-calib text that cannot be read, CLI and API alike
 
 
 @dataclass

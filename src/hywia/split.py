@@ -111,7 +111,7 @@ def judged_share(losses: dict[float, torch.Tensor], incumbent: float, texts: dic
     `evidence` alone builds) unless the other's mean loss is lower by more than JUDGE_MARGIN standard errors of the
     paired differences on every one of `texts` (name -> its windows; default: all windows, one text). Two built
     models 1-2% apart were ranked one way by one 100-window draw and the other way by another, and a share that won on
-    WikiText-2 lost 17% on PTB (docs/reconstruction.md): a difference inside a draw's noise, or a gain on one kind of
+    WikiText-2 read 8% worse on PTB than the other (docs/reconstruction.md): a difference inside a draw's noise, or a gain on one kind of
     text only, is no reason to leave the default's share. Returns the kept share and the record: over all windows
     the mean difference (other - incumbent) and its standard error, the margin, and the same for each text."""
     (other,) = [share for share in losses if share != incumbent]
