@@ -239,3 +239,46 @@ def test_a_walk_shares_layer_arguments_across_batches_of_one_size_and_still_comp
     walked: list[torch.Tensor] = []
     walk_layers(model, ids, {reader}, lambda name, x: walked.append(x), batch_size=3)
     torch.testing.assert_close(torch.cat(walked), torch.cat(own_inputs))
+
+
+def test_spent_second_moments_leave_the_disk_before_the_build_walks(calib_ids, monkeypatch):
+    """At 1.5B one set of spilled moments is 18 GB: the evidence fusion's set goes once scored and the refit screen's once
+    the split is chosen, so the build walks (and the incumbent's layers kept aside) never find them still on disk."""
+    import hywia.build
+    from hywia.importance import Moments
+    spilled, left_at_build = [], []
+    spill, build_share = Moments.spill, hywia.build.build_share
+
+    def recording_spill(self, path):
+        spilled.append(path)
+        spill(self, path)
+
+    def checking_build_share(run, *args, **kwargs):
+        left_at_build.append(sorted(p.name for p in run.stats.spill.glob("*.pt")))
+        return build_share(run, *args, **kwargs)
+    monkeypatch.setattr(Moments, "spill", recording_spill)
+    monkeypatch.setattr(hywia.build, "build_share", checking_build_share)
+    prune(tiny_model("llama"), method="hywia-adaptive", ratio=0.3, calib=calib_ids, samples=4)
+    assert spilled and left_at_build and all(files == [] for files in left_at_build)
+
+
+def test_a_prune_without_disk_for_its_scratch_files_is_refused_before_any_work(calib_ids, monkeypatch):
+    """The default's scratch files (one set of float64 input second moments: layers x width^2) are counted before the
+    calibration: a disk without room is one line naming TMPDIR, not an error hours in; a method that spills nothing runs."""
+    import importlib
+    import shutil as shutil_module
+    from hywia.prune import begin, scratch_needed
+    from hywia.recipe import Recipe
+    model = tiny_model("llama")
+    run = begin(model, None, Recipe(method="hywia-adaptive", ratio=0.3, calib=calib_ids), None, None, None)
+    needed, what = scratch_needed(run)
+    moments = sum(s.reader.module.weight.shape[1] ** 2 * 8 for s in run.sets)
+    aside = sum(p.numel() * 4 for layer in model.model.layers for p in layer.parameters())  # float32 layers, all pruned
+    assert needed == max(moments, aside) and ("second moments" if moments >= aside else "layers") in what
+    assert scratch_needed(begin(model, None, Recipe(method="element2", ratio=0.3, calib=calib_ids), None, None, None))[0] == 0
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(importlib.import_module("hywia.prune"), "calibration_stats", lambda *a, **k: pytest.fail("calibrated before the disk check"))
+    with pytest.raises(HywiaError, match=r"keeps up to 0\.0 GB on disk .* 0\.0 GB free: set TMPDIR"):
+        prune(tiny_model("llama"), method="hywia-adaptive", ratio=0.3, calib=calib_ids)
+    monkeypatch.undo()
+    prune(tiny_model("llama"), method="element2", ratio=0.3, calib=calib_ids)

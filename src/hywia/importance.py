@@ -71,6 +71,12 @@ class Moments:
         torch.save(self.cross, path)
         self.cross = path
 
+    def discard(self) -> None:
+        """Drop X^T X, and its file if it was spilled: the moments are spent, and at 1.5B one set of them is 18 GB of disk."""
+        if isinstance(self.cross, Path):
+            self.cross.unlink(missing_ok=True)
+        self.cross = 0.0
+
     @property
     def mean(self) -> torch.Tensor:
         return self.total / self.count

@@ -30,7 +30,9 @@ from .recipe import JUDGE_CALIB_FIX, Recipe, recipe_with
 from .reconstruct import Select, obs_select
 from .removal import kept_groups
 from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
-from .split import SPLITS, attention_kind, screen_shares
+from .scratch import check_room
+from .split import REFIT_SPLITS, SPLITS, attention_kind, screen_shares
+from .walk import decoder_layers
 
 
 @dataclass
@@ -113,8 +115,25 @@ def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, dev
     memory = recipe.memory(device)
     memory.check()
     sets = find_groups(model, recipe.target, recipe.layers, recipe.attention_unit)
-    return Pruning(model, tokenizer, recipe, criterion, sets, memory, data_dir, stats, stats is not None, judge_given=judge_given,
-                   params_before=count_params(model), prunable_before=sum(s.count * s.params_per_group for s in sets))
+    run = Pruning(model, tokenizer, recipe, criterion, sets, memory, data_dir, stats, stats is not None, judge_given=judge_given,
+                  params_before=count_params(model), prunable_before=sum(s.count * s.params_per_group for s in sets))
+    check_room(*scratch_needed(run))
+    return run
+
+
+def scratch_needed(run: Pruning) -> tuple[int, str]:
+    """The most disk the prune's scratch files hold at once, and what they are: one set of the output projections'
+    float64 input second moments (the evidence fusion's held-out draw, then the refit screen's readers; each set is
+    freed once spent), or the layers of evidence-best's incumbent built aside."""
+    r = run.recipe
+    fusion_moments = run.criterion.heldout is not None and run.criterion.heldout(r.method_options) and not (run.stats and run.stats.heldout)
+    screen_moments = r.kind_split in REFIT_SPLITS and run.splits_by_evidence
+    moments = sum(s.reader.module.weight.shape[1] ** 2 * 8 for s in run.sets) if fusion_moments or screen_moments else 0
+    aside = 0
+    if r.kind_split == "evidence-best" and run.splits_by_evidence and r.reconstruct:
+        _, layers = decoder_layers(run.model)
+        aside = sum(p.numel() * p.element_size() for i in {s.layer for s in run.sets} for p in layers[i].parameters())
+    return max(moments, aside), ("input second moments, layers x width^2" if moments >= aside else "the incumbent's layers")
 
 
 def calibrate(run: Pruning) -> None:
@@ -170,9 +189,12 @@ def score(run: Pruning) -> Scores:
                      "calibrate in --dtype float32, or with fewer --samples")
     stored = [t for store in (run.stats.grad, run.stats.fisher) for t in dict.values(store)]
     run.extra["stats_mb"] = sum(t.numel() * t.element_size() for t in stored) / 2**20
-    if not run.reused:  # per-weight gradients and Fisher are spent once scored: free them before the walks
+    if not run.reused:  # per-weight gradients, Fisher and held-out moments are spent once scored: free them before the walks
         run.stats.grad.clear()
         run.stats.fisher.clear()
+        for m in run.stats.heldout.values():
+            m.discard()
+        run.stats.heldout.clear()
         del stored
         release_memory()
     return scores

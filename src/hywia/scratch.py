@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import HywiaError
+
 MARK = ".hywia-scratch"  # written into every scratch folder: what makes a folder hywia's to remove
 
 
@@ -36,3 +38,12 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process: it runs
         return True
     return True
+
+
+def check_room(needed: int, what: str) -> None:
+    """Refuse, before any work, a prune whose scratch files would fill the temporary folder's disk hours into it."""
+    root = tempfile.gettempdir()
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise HywiaError(f"this prune keeps up to {needed / 1e9:.1f} GB on disk ({what}) in {root}, which has "
+                         f"{free / 1e9:.1f} GB free: set TMPDIR to a folder on a disk with room")

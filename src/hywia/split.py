@@ -28,6 +28,7 @@ from .grouping import LayerGroups
 from .reconstruct import PrefixSelect, obs_select, reader_moments, refitted
 
 if TYPE_CHECKING:
+    from .importance import Moments
     from .prune import Pruning
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
@@ -162,6 +163,7 @@ def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]
     losses in the run's `kind_split_evidence`."""
     r = run.recipe
     screens: dict[str, Callable | None] = {}
+    inputs: dict[str, Moments] = {}
     if r.kind_split in ("evidence", "evidence-best"):
         screens["masked"] = None
     if r.kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
@@ -169,10 +171,14 @@ def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]
         select = PrefixSelect() if run.select is obs_select else run.select  # one greedy run per set, not per candidate
         screens["refit"] = lambda gone: refitted(run.sets, gone, inputs, r.compensate, select)
     screened = {}
-    for weighed, candidate in screens.items():
-        chosen, losses = choose_attention_share(allocation, run.model, run.sets, r.ratio, run.stats.heldout_ids, run.means,
-                                                r.batch_size, candidate)
-        screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+    try:
+        for weighed, candidate in screens.items():
+            chosen, losses = choose_attention_share(allocation, run.model, run.sets, r.ratio, run.stats.heldout_ids, run.means,
+                                                    r.batch_size, candidate)
+            screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+    finally:
+        for m in inputs.values():  # the readers' moments are spent: their files leave the disk before the build walks
+            m.discard()
     run.extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
     if len(screened) > 1:
         run.extra["kind_split_evidence"]["screened"] = screened
