@@ -87,17 +87,17 @@ def cost_table(records: list[dict]) -> str:
 
 def cost_by_size_table(records: list[dict]) -> str:
     """Prune seconds and peak memory of each method and ratio on each model (one quiet process a row), the peak as a
-    multiple of the float32 weights and the time as a multiple of SlimGPT's on the same model; under it, per method
+    multiple of the float32 weights (bytes over bytes; GB = 10^9 bytes) and the time as a multiple of SlimGPT's on the same model; under it, per method
     and ratio, the power law seconds = c * params^k fitted on the sizes measured and what it gives at 7B and 70B
     (the same machine: an extrapolation of the fit, not a measurement)."""
     import math
     lines = ["| model | params | method | ratio | prune s | × SlimGPT | peak RSS GB | × float32 weights |", "|---|---|---|---|---|---|---|---|"]
     slim = {(r["row"]["model"], r["row"]["ratio"]): r["prune_seconds"] for r in records if r["row"]["method"] == "slimgpt"}
     for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["ratio"])):
-        row, weights_gb = r["row"], 4 * r["params_before"] / 1e9
+        row, peak = r["row"], r["peak_rss_mb"] * 2**20  # hywia.json's peak_rss_mb is MiB (Linux's kB / 1024): bytes here
         versus = r["prune_seconds"] / slim[(row["model"], row["ratio"])] if (row["model"], row["ratio"]) in slim else float("nan")
         lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {row['method']} | {row['ratio']:.0%} | "
-                     f"{r['prune_seconds']:,.0f} | {versus:.2f} | {r['peak_rss_mb'] / 1024:.1f} | {r['peak_rss_mb'] / 1024 / weights_gb:.2f} |")
+                     f"{r['prune_seconds']:,.0f} | {versus:.2f} | {peak / 1e9:.1f} | {peak / (4 * r['params_before']):.2f} |")
     lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|"]
     for (method, ratio) in sorted({(r["row"]["method"], r["row"]["ratio"]) for r in records}):
         points = sorted((r["params_before"], r["prune_seconds"]) for r in records

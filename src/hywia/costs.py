@@ -1,4 +1,5 @@
-"""Seconds and peak memory of each stage of a run, recorded in hywia.json (`extra.stages`).
+"""Seconds and peak memory of each stage of a run, recorded in hywia.json (`extra.stages`; `peak_rss_mb` in MiB,
+2^20 bytes, as Linux counts it).
 
 A process's peak resident memory only grows, so a stage's own peak needs the peak reset at its start: Linux does
 that when "5" is written to /proc/self/clear_refs (the high-water mark VmHWM drops to the current RSS). Where that
