@@ -1,0 +1,36 @@
+"""benchmarks/report.py's cost table: memory as bytes over bytes, time against SlimGPT, and the size fit."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(model: str, method: str, params: int, seconds: float, peak_mib: float) -> dict:
+    return {"row": {"model": model, "method": method, "ratio": 0.2}, "params_before": params,
+            "prune_seconds": seconds, "peak_rss_mb": peak_mib}
+
+
+def test_cost_table_divides_bytes_by_bytes_and_fits_growth_in_parameters(report):
+    """hywia.json records MiB: 3,072 MiB against float32 weights of exactly 1 GiB is 3.00x and 3.2 GB, not 2.8x."""
+    gib_of_weights = 2**30 // 4
+    records = [row("small", "slimgpt", gib_of_weights, 100, 2048), row("small", "hywia-adaptive", gib_of_weights, 250, 3072),
+               row("large", "slimgpt", 4 * gib_of_weights, 800, 8192), row("large", "hywia-adaptive", 4 * gib_of_weights, 2000, 9216)]
+    lines = report.cost_by_size_table(records).splitlines()
+    small = next(line for line in lines if line.startswith("| small |") and "hywia-adaptive" in line).strip(" |").split(" | ")
+    assert small[4:8] == ["250", "2.50", "3.2", "3.00"]
+    large = next(line for line in lines if line.startswith("| large |") and "hywia-adaptive" in line).strip(" |").split(" | ")
+    assert large[6:8] == ["9.7", "2.25"]
+    fit = next(line for line in lines if line.startswith("| hywia-adaptive | 20% | 2 |"))
+    assert "k = 1.50" in fit  # 250 s -> 2,000 s over 4x the parameters: 8 = 4^1.5
