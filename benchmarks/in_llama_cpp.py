@@ -100,6 +100,11 @@ def main() -> None:
     parser.add_argument("--pad-to", type=int, default=32, help="hywia export --pad-to: FFN widths padded with zero channels "
                         "to a multiple of N (32, the default export; 1: the widths as pruned)")
     parser.add_argument("--models", default=",".join(MODELS), help="which pruned models (comma-separated names; dense always)")
+    parser.add_argument("--use", action="append", default=[], metavar="NAME=FOLDER",
+                        help="measure an already pruned model folder under NAME (e.g. a Table 1 model) instead of pruning; repeatable")
+    parser.add_argument("--no-f32", action="store_true", help="skip the f32 file and its perplexity (at 1.5B it is 7 GB; "
+                        "the transformers column is the float reference)")
+    parser.add_argument("--drop-files", action="store_true", help="delete each GGUF once measured (disk: a 1.5B model is 3.5 GB in f16)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "llama_cpp.jsonl")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -118,6 +123,8 @@ def main() -> None:
         if not out.is_dir():
             _hywia("prune", "--model", args.model, *flags, "--data-dir", args.data_dir, "--out", str(out))
         folders[name] = str(out)
+    for name, folder in (given.split("=", 1) for given in args.use):
+        folders[name] = folder
 
     rows = []
     for name, folder in folders.items():
@@ -126,7 +133,7 @@ def main() -> None:
         row = {"name": name, "params": params["params"], "transformers_ppl": params["ppl"]["wikitext2"]["ppl"],
                "windows": args.windows, "threads": args.threads, "machine": machine(), "run": run,
                "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "pad_to": args.pad_to}
-        for kind in ["f32", *args.types.split(",")]:
+        for kind in [*([] if args.no_f32 else ["f32"]), *args.types.split(",")]:
             path = args.work / f"{Path(folder).name}.{kind}{'' if args.pad_to == 1 else f'.pad{args.pad_to}'}.gguf"
             done = None if path.is_file() else _hywia("export", "--model", folder, "--type", kind, "--out", str(path),
                                                       "--pad-to", str(args.pad_to))["export"]
@@ -137,6 +144,8 @@ def main() -> None:
             if kind != "f32":
                 with paused(args.pause_group):
                     row[f"{kind}_speed"] = llama_speed(path, args.threads, prompt, args.new_tokens, args.repeats)
+            if args.drop_files:
+                path.unlink()
         rows.append(row)
         print(json.dumps(row), flush=True)
     dense = rows[0]
@@ -152,7 +161,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     for row in rows:
         print(row["name"], row.get("arch"), f"ppl transformers {row['transformers_ppl']:.2f}",
-              " ".join(f"{k} {row[f'{k}_ppl']:.2f}" for k in ["f32", *args.types.split(",")]),
+              " ".join(f"{k} {row[f'{k}_ppl']:.2f}" for k in ["f32", *args.types.split(",")] if f"{k}_ppl" in row),
               " ".join(f"{k} decode {row[f'{k}_speed']['decode_tps']:.1f} t/s ({row[f'{k}_speed']['decode_vs_ideal']:.2f} of ideal)"
                        for k in args.types.split(",")))
 

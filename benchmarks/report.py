@@ -369,8 +369,8 @@ def llama_cpp_tables(records: list[dict]) -> str:
              + " | ".join(types) + " | " + " / ".join(types) + " MiB |",
              "|---|---|---|---|---|---|" + "---|" * (len(types) + 1)]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['ideal_speedup']:.2f}× | {r['transformers_ppl']:.2f} | "
-                     f"{r['f32_ppl']:.2f} | " + " | ".join(f"{r[f'{t}_ppl']:.2f}" for t in types) + " | "
+        lines.append(f"| {r['name']} | {r.get('arch', '-')} | {r['params']:,} | {r['ideal_speedup']:.2f}× | {r['transformers_ppl']:.2f} | "
+                     + (f"{r['f32_ppl']:.2f}" if "f32_ppl" in r else "-") + " | " + " | ".join(f"{r[f'{t}_ppl']:.2f}" for t in types) + " | "
                      + " / ".join(f"{r[f'{t}_mib']:.0f}" for t in types) + " |")
     runtime = "decode_tps_runtime" in rows[0][f"{types[0]}_speed"]  # llama.cpp's own timers (later runs)
     lines += ["", "| model | type | prefill tok/s | decode tok/s | prefill speedup | decode speedup | decode / ideal |"
