@@ -89,20 +89,20 @@ def cost_by_size_table(records: list[dict]) -> str:
     """Prune seconds and peak memory of each method and ratio on each model (one quiet process a row), the peak as a
     multiple of the float32 weights (bytes over bytes; GB = 10^9 bytes) and the time as a multiple of SlimGPT's on the same model; under it, per method
     and ratio, the power law seconds = c * params^k fitted on the sizes measured and what it gives at 7B and 70B
-    (the same machine: an extrapolation of the fit, not a measurement)."""
+    (the same machine: an extrapolation of the fit, not a measurement), for three sizes or more."""
     import math
     lines = ["| model | params | method | ratio | prune s | × SlimGPT | peak RSS GB | × float32 weights |", "|---|---|---|---|---|---|---|---|"]
     slim = {(r["row"]["model"], r["row"]["ratio"]): r["prune_seconds"] for r in records if r["row"]["method"] == "slimgpt"}
     for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["ratio"])):
         row, peak = r["row"], r["peak_rss_mb"] * 2**20  # hywia.json's peak_rss_mb is MiB (Linux's kB / 1024): bytes here
-        versus = r["prune_seconds"] / slim[(row["model"], row["ratio"])] if (row["model"], row["ratio"]) in slim else float("nan")
+        versus = f"{r['prune_seconds'] / slim[(row['model'], row['ratio'])]:.2f}" if (row["model"], row["ratio"]) in slim else "-"
         lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {row['method']} | {row['ratio']:.0%} | "
-                     f"{r['prune_seconds']:,.0f} | {versus:.2f} | {peak / 1e9:.1f} | {peak / (4 * r['params_before']):.2f} |")
+                     f"{r['prune_seconds']:,.0f} | {versus} | {peak / 1e9:.1f} | {peak / (4 * r['params_before']):.2f} |")
     lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|"]
     for (method, ratio) in sorted({(r["row"]["method"], r["row"]["ratio"]) for r in records}):
         points = sorted((r["params_before"], r["prune_seconds"]) for r in records
                         if (r["row"]["method"], r["row"]["ratio"]) == (method, ratio))
-        if len({p for p, _ in points}) < 2:
+        if len({p for p, _ in points}) < 3:  # two sizes give a slope, not a fit anyone should extrapolate
             continue
         x = [math.log(p) for p, _ in points]
         y = [math.log(t) for _, t in points]
@@ -383,9 +383,10 @@ def llama_cpp_tables(records: list[dict]) -> str:
                          f"{s['decode_speedup']:.2f}× | {s['decode_vs_ideal']:.2f} |" + (
                              f" {s['decode_tps_runtime']:.1f} | {s['decode_speedup_runtime']:.2f}× | {s['decode_vs_ideal_runtime']:.2f} |"
                              if runtime else ""))
+    fitted = len(rows) >= 3  # a line through two points fits exactly and says nothing
     lines += ["", "| type | ms/token not removed by pruning (a) | ms per MiB of file (b) | r² | a / dense's ms/token | "
-              "fitted decode / ideal at half the size |", "|---|---|---|---|---|---|"]
-    for t in types:
+              "fitted decode / ideal at half the size |", "|---|---|---|---|---|---|"] if fitted else []
+    for t in types if fitted else []:
         mib = [r[f"{t}_mib"] for r in rows]
         ms = [1000 / r[f"{t}_speed"]["decode_tps_runtime" if runtime else "decode_tps"] for r in rows]
         b = statistics.covariance(mib, ms) / statistics.variance(mib)
@@ -465,6 +466,8 @@ if __name__ == "__main__":
         ("speed.jsonl", "Speed", lambda records: markdown(records[-10:])),  # the latest run: five models at batch 1 and 8
         ("speed_saap.jsonl", "Speed of SAAP 20% against dense and Element2 20%", lambda records: markdown(records) + "\n"),
         ("llama_cpp.jsonl", "In llama.cpp", llama_cpp_tables),
+        ("llama_cpp_padding.jsonl", "In llama.cpp, FFN widths padded at export", llama_cpp_tables),
+        ("llama_cpp_1p5b.jsonl", "In llama.cpp at Qwen2.5-Coder-1.5B", llama_cpp_tables),
     ]
     unstructured = load("sparsity_structure.jsonl")
     covered = {r["level"] for r in unstructured}  # other levels: the lent GPU's SparseGPT rows (its dense agrees to 0.02)
