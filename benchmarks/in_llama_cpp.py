@@ -104,7 +104,7 @@ def main() -> None:
                         help="measure an already pruned model folder under NAME (e.g. a Table 1 model) instead of pruning; repeatable")
     parser.add_argument("--no-f32", action="store_true", help="skip the f32 file and its perplexity (at 1.5B it is 7 GB; "
                         "the transformers column is the float reference)")
-    parser.add_argument("--drop-files", action="store_true", help="delete each GGUF once measured (disk: a 1.5B model is 3.5 GB in f16)")
+    parser.add_argument("--drop-files", action="store_true", help="delete each GGUF this run exported once measured (disk: a 1.5B model is 3.5 GB in f16)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "llama_cpp.jsonl")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def main() -> None:
             if kind != "f32":
                 with paused(args.pause_group):
                     row[f"{kind}_speed"] = llama_speed(path, args.threads, prompt, args.new_tokens, args.repeats)
-            if args.drop_files:
+            if args.drop_files and done is not None:  # only a file this run exported, never one that was there before
                 path.unlink()
         rows.append(row)
         print(json.dumps(row), flush=True)
