@@ -428,6 +428,20 @@ def test_save_refuses_non_finite_weights(tmp_path, tokenizer):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_finite_check_counts_and_places_bad_values_across_its_chunks(monkeypatch):
+    """The check reads a tensor a chunk at a time (no whole-tensor copies); every bad value still counts and the
+    first one is placed by its flat index, in whichever chunk it falls."""
+    from hywia import finite
+    monkeypatch.setattr(finite, "CHUNK", 7)
+    weight = torch.zeros(6, 5)
+    finite.check_tensor(weight, "w", "fix")
+    weight.view(-1)[[9, 16, 29]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    with pytest.raises(HywiaError, match=r"^w holds 3 non-finite value\(s\) \(NaN or inf\), the first at flat index 9: fix$"):
+        finite.check_tensor(weight, "w", "fix")
+    with pytest.raises(HywiaError, match="holds 2 non-finite value.*index 1:"):
+        finite.check_tensor(weight[:, 4], "w", "fix")  # a strided view: column 4 holds flat 9 and 29 as its rows 1 and 5
+
+
 def test_prune_refuses_non_finite_scores(tiny, tokenizer, calib_ids, monkeypatch):
     """A criterion whose statistics overflow stops the run naming the layer, instead of ranking NaN."""
     import dataclasses

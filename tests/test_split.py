@@ -189,6 +189,19 @@ def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_b
         prune(tiny_model(), byte_tokenizer(), judge_calib="c4", **{**options, "kind_split": "evidence", "judge_samples": None})
 
 
+def test_window_losses_are_each_windows_mean_token_loss_and_heldout_loss_their_mean(calib_ids):
+    """Taken window by window from a batch's logits (no second copy of the batch's logits), the losses equal the
+    whole batch's cross-entropy exactly, whatever the batch size."""
+    model = tiny_model("gemma3_text").eval()
+    with torch.no_grad():
+        logits = model(input_ids=calib_ids).logits[:, :-1]
+        tokens = torch.nn.functional.cross_entropy(logits.flatten(0, 1), calib_ids[:, 1:].flatten(), reduction="none")
+    expected = tokens.view(len(calib_ids), -1).mean(1)
+    for batch_size in (1, 3, len(calib_ids)):
+        assert torch.allclose(window_losses(model, calib_ids, batch_size), expected, rtol=1e-6, atol=0)
+    assert heldout_loss(model, calib_ids, 3) == pytest.approx(tokens.mean().item(), rel=1e-6)
+
+
 def test_the_judge_keeps_the_incumbent_unless_the_other_wins_beyond_the_noise():
     """A paired test on per-window losses: a consistent gain moves the choice, the same mean gain buried in window-to-
     window noise does not, a loss never does, and one window has no noise estimate to beat."""

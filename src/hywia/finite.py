@@ -16,11 +16,20 @@ def check_number(value: float, what: str, fix: str) -> float:
     return value
 
 
+CHUNK = 1 << 22  # elements tested at a time
+
+
+@torch.no_grad()
 def check_tensor(tensor: torch.Tensor, what: str, fix: str) -> None:
-    bad = ~torch.isfinite(tensor)
-    if bad.any():
-        count, first = int(bad.sum()), bad.flatten().nonzero()[0].item()
-        raise HywiaError(f"{what} holds {count} non-finite value(s) (NaN or inf), the first at flat index {first}: {fix}")
+    """Chunk by chunk: `torch.isfinite` of a whole tensor takes an absolute-value copy of it and a mask beside it (a
+    262,144 x 640 embedding: 0.9 GB for a check that finds nothing)."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        bad = ~torch.isfinite(flat[start:start + CHUNK])
+        if bad.any():
+            count = sum(int((~torch.isfinite(flat[i:i + CHUNK])).sum()) for i in range(start, flat.numel(), CHUNK))
+            first = start + bad.nonzero()[0].item()
+            raise HywiaError(f"{what} holds {count} non-finite value(s) (NaN or inf), the first at flat index {first}: {fix}")
 
 
 @torch.no_grad()
