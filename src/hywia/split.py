@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .costs import trim_heap
 from .errors import HywiaError
 from .finite import check_number
 from .grouping import LayerGroups
@@ -103,6 +104,7 @@ def window_losses(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch
         logits = model(input_ids=batch).logits
         losses += [F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="none").mean().cpu() for i in range(len(batch))]
         del logits
+        trim_heap()  # a window's log-probabilities (25 MB at 49,152 tokens) fall under glibc's mmap threshold: freed, they stay resident
     return torch.stack(losses)
 
 
