@@ -14,10 +14,13 @@ from hywia.io import atomic_dir
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(11))
 
+# Both sides of a cross-process comparison run their matrix products on one thread: MKL may split a product's sums
+# differently between two processes on several threads (a bloom model's logits once differed in the last bit in CI).
 RELOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 assert "hywia" not in sys.modules
+torch.set_num_threads(1)
 kwargs = {"trust_remote_code": True} if sys.argv[2] == "remote" else {}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
 ids = torch.load(sys.argv[3])
@@ -36,8 +39,14 @@ def fresh_process_logits(path, mode, tmp_path, ids=IDS):
 
 
 def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
+    """`model`'s logits of IDS, on one thread as the fresh process computes them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_reloads_and_generates(model, tokenizer, tmp_path):

@@ -42,9 +42,20 @@ def _hywia(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    """The processor's model name where Linux gives one: machines of one kind differ (an Intel Xeon with AVX-512 one
+    day, an AMD EPYC with AVX2 the next), and their seconds are not comparable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def machine(device: str = "cpu") -> str:
     """Where a figure was measured: the CPU always, and the accelerator when the work ran on one."""
-    cpu = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    cpu = f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     if not device.startswith("cuda"):
         return cpu
     import torch  # only here: the benchmark drivers that call machine() need no torch otherwise
