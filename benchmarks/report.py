@@ -86,7 +86,8 @@ def cost_table(records: list[dict]) -> str:
 
 
 def cost_by_size_table(records: list[dict]) -> str:
-    """Prune seconds and peak memory of each method and ratio on each model (one quiet process a row), the peak as a
+    """Prune seconds and peak memory of each method and ratio on each model (one quiet process a row, all on one
+    machine: the caller groups them), the peak as a
     multiple of the float32 weights (bytes over bytes; GB = 10^9 bytes) and the time as a multiple of SlimGPT's on the same model; under it, per method
     and ratio, the power law seconds = c * params^k fitted on the sizes measured and what it gives at 7B and 70B
     (the same machine: an extrapolation of the fit, not a measurement), for three sizes or more."""
@@ -494,9 +495,9 @@ if __name__ == "__main__":
     print("\n## Same calibration windows, paired by seed (ratio < 1: the first is better)\n")
     print(paired_table(quality))
     by_size = load("cost_by_size.jsonl")
-    if by_size:
-        print("\n## Prune cost by model size (one quiet process a row)\n")
-        print(cost_by_size_table(by_size))
+    for machine in dict.fromkeys(r["machine"] for r in by_size):  # seconds compare only on one machine
+        print(f"\n## Prune cost by model size (one quiet process a row; {machine})\n")
+        print(cost_by_size_table([r for r in by_size if r["machine"] == machine]))
     cost = load("prune_cost.jsonl")
     if cost:
         print("\n## Prune cost\n")
