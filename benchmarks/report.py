@@ -99,7 +99,7 @@ def cost_by_size_table(records: list[dict]) -> str:
         versus = f"{r['prune_seconds'] / slim[(row['model'], row['ratio'])]:.2f}" if (row["model"], row["ratio"]) in slim else "-"
         lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {row['method']} | {row['ratio']:.0%} | "
                      f"{r['prune_seconds']:,.0f} | {versus} | {peak / 1e9:.1f} | {peak / (4 * r['params_before']):.2f} |")
-    lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|"]
+    fits = []
     for (method, ratio) in sorted({(r["row"]["method"], r["row"]["ratio"]) for r in records}):
         points = sorted((r["params_before"], r["prune_seconds"]) for r in records
                         if (r["row"]["method"], r["row"]["ratio"]) == (method, ratio))
@@ -110,8 +110,18 @@ def cost_by_size_table(records: list[dict]) -> str:
         mx, my = sum(x) / len(x), sum(y) / len(y)
         k = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
         at = lambda params: math.exp(my + k * (math.log(params) - mx)) / 3600  # noqa: E731
-        lines.append(f"| {method} | {ratio:.0%} | {len(points)} | k = {k:.2f} | {at(7e9):,.1f} h | {at(7e10):,.0f} h |")
+        fits.append(f"| {method} | {ratio:.0%} | {len(points)} | k = {k:.2f} | {at(7e9):,.1f} h | {at(7e10):,.0f} h |")
+    if fits:
+        lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|", *fits]
     return "\n".join(lines)
+
+
+def cost_by_machine(records: list[dict]) -> str:
+    """One cost table by size per machine the rows ran on: seconds compare only on one machine."""
+    sections = [f"\n## Prune cost by model size (one quiet process a row; {machine})\n\n"
+                + cost_by_size_table([r for r in records if r["machine"] == machine])
+                for machine in dict.fromkeys(r["machine"] for r in records)]
+    return "\n".join(sections)
 
 
 TASK_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaS."), ("winogrande", "WinoG."), ("arc_easy", "ARC-e"),
@@ -494,10 +504,7 @@ if __name__ == "__main__":
         print(quality_table([r for r in quality if r["row"]["method"] not in ("l1",)], samples))
     print("\n## Same calibration windows, paired by seed (ratio < 1: the first is better)\n")
     print(paired_table(quality))
-    by_size = load("cost_by_size.jsonl")
-    for machine in dict.fromkeys(r["machine"] for r in by_size):  # seconds compare only on one machine
-        print(f"\n## Prune cost by model size (one quiet process a row; {machine})\n")
-        print(cost_by_size_table([r for r in by_size if r["machine"] == machine]))
+    print(cost_by_machine(load("cost_by_size.jsonl")))
     cost = load("prune_cost.jsonl")
     if cost:
         print("\n## Prune cost\n")

@@ -39,3 +39,15 @@ def test_cost_table_divides_bytes_by_bytes_and_fits_growth_in_parameters(report)
     fit = next(line for line in lines if line.startswith("| hywia-adaptive | 20% | 3 |"))
     assert "k = 1.50" in fit  # 250 s -> 2,000 s -> 16,000 s, each over 4x the parameters: 8 = 4^1.5
     assert not any(line.startswith("| slimgpt | 20% |") for line in lines)  # two sizes: a slope, no fit
+
+
+def test_cost_tables_compare_seconds_within_one_machine(report):
+    """SlimGPT's multiple is taken against SlimGPT on the same machine: rows of two machines make two tables."""
+    records = [{**row("m", "slimgpt", 10**8, 100, 1000), "machine": "Intel Xeon"},
+               {**row("m", "hywia-adaptive", 10**8, 300, 1000), "machine": "Intel Xeon"},
+               {**row("m", "slimgpt", 10**8, 200, 1000), "machine": "AMD EPYC"},
+               {**row("m", "hywia-adaptive", 10**8, 300, 1000), "machine": "AMD EPYC"}]
+    text = report.cost_by_machine(records)
+    xeon, epyc = text.split("AMD EPYC)")
+    assert "Intel Xeon)" in xeon and "| 300 | 3.00 |" in xeon and "| 300 | 1.50 |" in epyc
+    assert "1.50" not in xeon and "3.00" not in epyc
