@@ -18,7 +18,7 @@ from conftest import tiny_model
 from hywia import HywiaError, prune, save_model
 from hywia.finetune import FinetuneSettings, finetune, merge
 from hywia.instructions import load_instructions
-from test_io import IDS, fresh_process_logits
+from test_io import IDS, fresh_process_logits, logits
 
 RECORDS = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i} {i} {i}"} for i in range(24)]
 SETTINGS = FinetuneSettings(batch_size=8, micro_batch_size=3, max_steps=6, save_steps=1, warmup_steps=2, cutoff_len=64, lr=1e-3)
@@ -64,8 +64,7 @@ def test_merged_model_reloads_in_fresh_process(method, scope, alpaca_file, token
     with torch.no_grad():
         adapted = peft_model(input_ids=IDS).logits
     merged = merge(peft_model)
-    with torch.no_grad():
-        in_memory = merged(input_ids=IDS).logits
+    in_memory = logits(merged)  # on one thread, as the fresh process computes them
     assert torch.allclose(adapted, in_memory, atol=1e-5)
     out = save_model(merged, tokenizer, tmp_path / "tuned", {})
     assert torch.allclose(fresh_process_logits(out, "remote", tmp_path), in_memory, atol=1e-6)

@@ -38,13 +38,13 @@ def fresh_process_logits(path, mode, tmp_path, ids=IDS):
     return torch.load(tmp_path / "out.pt")
 
 
-def logits(model):
-    """`model`'s logits of IDS, on one thread as the fresh process computes them."""
+def logits(model, ids=IDS):
+    """`model`'s logits of `ids`, on one thread as the fresh process computes them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            return model(input_ids=IDS).logits
+            return model(input_ids=ids).logits
     finally:
         torch.set_num_threads(threads)
 
