@@ -73,6 +73,22 @@ def bos_tokenizer():
     return fast
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker is one of several test processes sharing the cores: one thread each (and for the
+    processes the tests start), so that the workers do not fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test of a real packaged model runs in the same worker (--dist loadgroup): each model is converted into
+    the cache once, and two of them never hold the memory at the same time."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("real-models"))
+
+
 @pytest.fixture
 def tiny():
     return tiny_model("llama")
