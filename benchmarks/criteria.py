@@ -1,4 +1,4 @@
-"""The baseline criteria on the packaged SmolLM2-135M at 0%, 20% and 50% (issue 2's RESULTS table).
+"""The baseline criteria on the packaged SmolLM2-135M at 0%, 20% and 50% (docs/baseline_grids.md).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/criteria.py
 

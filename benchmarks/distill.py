@@ -1,4 +1,4 @@
-"""Recovery by distillation vs LoRA on the data's next tokens, at the same token budget (issue 20).
+"""Recovery by distillation vs LoRA on the data's next tokens, at the same token budget.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/distill.py --tokens 20480 --seeds 0
 

@@ -1,8 +1,8 @@
-"""Issue 11: each ingredient of hywia's own method, paired against the one before it, next to the baselines it
+"""Each ingredient of hywia's own method, paired against the one before it, next to the baselines it
 has to beat (Element² at 20%, FLAP with per-layer allocation at 50%), over calibration seeds, no recovery. The
-chain ends at `--method hywia-adaptive --reconstruct no` (issue 11's method); an ablation row ("- ...") removes one ingredient from it again, and the
+chain ends at `--method hywia-adaptive --reconstruct no` (the default without its reconstruction); an ablation row ("- ...") removes one ingredient from it again, and the
 "... as hywia-adaptive" rows give the baselines' own scores the same structure, allocation and split, so what the
-hybrid scores themselves add is measured apart from what the structure adds. The last rows (issue 22) update the
+hybrid scores themselves add is measured apart from what the structure adds. The last rows update the
 kept weights: SlimGPT, and "X + reconstruction" (X's groups, then a least-squares refit of the weights that read
 them on 128 calibration windows, layer by layer; with X's compensation, jointly with the biases), each paired with
 the row PAIRED names; "+ both splits built" is `--method hywia-adaptive` ("hywia-adaptive + obs
@@ -55,7 +55,7 @@ CONFIGS = {
     "element2 as hywia-adaptive": {"method": "element2", "attention_unit": "query", "compensate": True, "scope": "global",
                                    "kind_split": "evidence"},
     "flap as hywia-adaptive": {"method": "flap", "attention_unit": "query", "scope": "global", "kind_split": "evidence"},
-    # issue 22: methods that update the kept weights (hywia.reconstruct), each "X + reconstruction" paired with X
+    # methods that update the kept weights (hywia.reconstruct), each "X + reconstruction" paired with X
     "slimgpt": {"method": "slimgpt"},
     "element2 + reconstruction": {"method": "element2", "reconstruct": True},
     "hywia-adaptive + reconstruction": {"method": "hywia-adaptive", "reconstruct": True},  # refit jointly with the biases
@@ -72,7 +72,7 @@ CONFIGS = {
 PAIRED = {"element2 + reconstruction": "element2", "hywia-adaptive + reconstruction": "+ evidence split",
           "- compensation + reconstruction": "hywia-adaptive + reconstruction",
           "hywia-adaptive + obs selection": "hywia-adaptive + reconstruction", "+ both splits built": "hywia-adaptive + obs selection"}
-# chain rows that a method name gives (tested equal); the default method's reconstruction came last (issue 22)
+# chain rows that a method name gives (tested equal); the default method's reconstruction is the chain's last step
 NAMED = {"+ evidence split": "--method hywia-adaptive --reconstruct no",
          "hywia-adaptive + obs selection": "--method hywia-adaptive --kind-split evidence",
          "+ both splits built": "--method hywia-adaptive"}

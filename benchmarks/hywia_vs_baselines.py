@@ -1,4 +1,4 @@
-"""HyWIA against its baselines on the packaged SmolLM2-135M (issue 3's RESULTS table).
+"""HyWIA against its baselines on the packaged SmolLM2-135M (docs/baseline_grids.md).
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/hywia_vs_baselines.py
 

@@ -1,4 +1,4 @@
-"""Pruned models in llama.cpp (issue 21): perplexity against transformers on the same windows, and speed.
+"""Pruned models in llama.cpp: perplexity against transformers on the same windows, and speed.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/in_llama_cpp.py [--pause-group PGID]
 

@@ -1,4 +1,4 @@
-"""Issue 12: peak memory and time of gathering pruning statistics under each memory option, one process per run,
+"""Peak memory and time of gathering pruning statistics under each memory option, one process per run,
 on a model saved as safetensors (so loading is a memory map, not a GGUF dequantization whose transient peak would
 hide the differences).
 

@@ -1,7 +1,7 @@
 """Wall time and peak memory of `hywia prune` per method on the packaged SmolLM2-135M, one process per run.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py
-    # the cost table across sizes (issue 35): the methods compared there, at both ratios, on each model
+    # the cost table across sizes: the methods compared there, at both ratios, on each model
     HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --model qwen2.5-coder-0.5b \
         --methods hywia-adaptive,slimgpt,element2,flap --ratios 0.2,0.5 --results benchmarks/results/cost_by_size.jsonl
 

@@ -1,4 +1,4 @@
-"""Why balanced query-head pruning loses at layer scope (issue 11): per layer, the loss increase of removing what
+"""Why balanced query-head pruning loses at layer scope: per layer, the loss increase of removing what
 Element² removes at 20% with `--attention-unit query` (the lowest-scored query head of every KV group) against
 `--attention-unit kv` (the lowest-scored whole KV group), each layer on its own and all layers at once.
 

@@ -289,14 +289,14 @@ RECONSTRUCTION_ROWS = ("element2", "flap (layer scope)", "+ evidence split", "- 
 
 
 def reconstruction_table(records: list[dict]) -> str:
-    """The hybrid table's rows that issue 22 compares: the baselines, hywia-adaptive with and without its compensation,
+    """The hybrid table's rows that reconstruction is judged by: the baselines, hywia-adaptive with and without its compensation,
     SlimGPT, and each with its kept weights refit, on the cells where the new rows were measured."""
     new = {(r["model"], r["ratio"]) for r in records if r["config"] in RECONSTRUCTION_ROWS[4:]}
     return hybrid_table([r for r in records if r["config"] in RECONSTRUCTION_ROWS and (r["model"], r["ratio"]) in new])
 
 
 def structure_table(structured: list[dict], unstructured: list[dict]) -> str:
-    """What structure costs (issue 22): Table 1's structured rows beside SparseGPT at the same fraction of the decoder's
+    """What structure costs: Table 1's structured rows beside SparseGPT at the same fraction of the decoder's
     weights removed, same machine and evaluation; `kept` counts the weights a model still has (nonzero ones for
     SparseGPT: its zeros stay stored as zeros)."""
     dense = next(r for r in structured if r["method"] == "dense")

@@ -17,7 +17,7 @@ first 200 windows of the llm-pruner protocol (128 tokens) and the first 12 windo
 Recovery: `hywia finetune` at the paper's settings (LoRA r=8, alpha 16, lr 1e-4, effective batch 64) for one
 epoch over the first `--records` Alpaca-cleaned records, bfloat16 compute merged into float32 weights; SAAP's
 with its group fine-tuning (`--groups 3`: layers 20-29, then 10-19, then 0-9, a third of the steps each).
-With `--tokens N` (issue 20) every recovery mode in `--recovery` gets the same budget of N predicted tokens instead:
+With `--tokens N` every recovery mode in `--recovery` gets the same budget of N predicted tokens instead:
 `lora` on Alpaca as above, `kd` distilled from the dense model on the C4 sample (`--teacher`, logits and
 `--kd-hidden` residual stream), at the ratios in `--recover-ratios`. `--eval-every K` measures WikiText-2 validation
 perplexity (first 32 windows) every K recovery steps: the quality-vs-tokens curve (tokens.png beside the model, and
@@ -45,7 +45,7 @@ METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are
     "wanda_sp": ["--method", "wanda_sp"],
     "vector": ["--method", "vector"],
     "saap": ["--method", "saap"],
-    "slimgpt": ["--method", "slimgpt"],  # issue 22: structured OBS, kept weights refit (retraining-free rows only)
+    "slimgpt": ["--method", "slimgpt"],  # structured OBS, kept weights refit (retraining-free rows only)
 }
 # the 20% models recovered: HyWIA, Element2, the best retraining-free baseline, and SAAP with its own group fine-tuning
 RECOVERED = {"hywia-adaptive": [], "hywia-adaptive --kind-split evidence": [], "hywia-adaptive --reconstruct no": [], "hywia": [],

@@ -266,7 +266,7 @@ CASES = {
     "finetune kd-temperature without a teacher": (F + ["--kd-temperature", "2"], "--kd-temperature sets distillation from a "
                                                   "teacher, and this run has none: add --teacher"),
     "finetune kd-hidden without a teacher": (F + ["--kd-hidden", "1"], "--kd-hidden sets distillation from a teacher"),
-    # what a message must not get wrong, and what must not wait for the work (issue 36)
+    # what a message must not get wrong, and what must not wait for the work
     "out is a symbolic link": (P + R + ["--out", "{world}/link", "--overwrite"], "is a symbolic link (to "),
     "stats-device unknown": (P + R + ["--stats-device", "gpu0"], "unknown --stats-device 'gpu0'"),
     "calib named .parquet, not Parquet": (P + R + ["--calib", "{world}/fake.parquet"], "fake.parquet is not a Parquet file"),

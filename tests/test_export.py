@@ -1,4 +1,4 @@
-"""GGUF export (issue 21): families refused by name, and SmolLM2 pruned uniformly and per layer, exported and run in
+"""GGUF export: families refused by name, and SmolLM2 pruned uniformly and per layer, exported and run in
 llama.cpp itself (llama-cpp-python), whose next-token logits must match transformers' on the same tokens."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Families beyond the LLaMA layout (issue 12): OPT (MHA, biases, fc1/fc2), Phi-3 (fused qkv_proj under GQA, fused
+"""Families beyond the LLaMA layout: OPT (MHA, biases, fc1/fc2), Phi-3 (fused qkv_proj under GQA, fused
 gate_up_proj), BLOOM (fused per-head query_key_value, ALiBi, biases) and Llama 3 (llama3 RoPE scaling). Every
 criterion prunes each; the pruned model equals the masked dense model, reloads in a fresh process with the same
 logits and generates; fused projections are checked part by part."""
@@ -132,7 +132,7 @@ def test_baichuan_7b_checkpoint_loads_as_llama_and_prunes(tmp_path, tokenizer, c
     import json
     import transformers
     from safetensors.torch import save_file
-    from hywia import load_model, save_model
+    from hywia import load_model
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=260, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,

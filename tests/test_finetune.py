@@ -140,7 +140,7 @@ def test_float16_trains_in_bfloat16_and_a_diverging_run_saves_nothing(alpaca_fil
     assert len(errors) == 1 and ("worse" in errors[0] or "loss became" in errors[0]) and "Traceback" not in done.stderr
 
 
-# distillation from the dense model (issue 20)
+# distillation from the dense model
 
 TEXT_SETTINGS = FinetuneSettings(batch_size=4, micro_batch_size=2, max_steps=8, save_steps=1, warmup_steps=1, cutoff_len=24, lr=5e-3)
 
@@ -227,7 +227,7 @@ def test_cli_distils_on_text_with_a_token_budget(text_dir, tokenizer, tmp_path, 
     assert (tmp_path / "tuned" / "tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# several processes under accelerate launch (issue 20)
+# several processes under accelerate launch
 
 def _launch(processes: int, model_dir, data_dir, out, *extra, popen: bool = False):
     # --multi_gpu is accelerate's torchrun launcher, the one that starts N processes; with no GPU (or --device cpu) they

@@ -144,7 +144,7 @@ def test_unknown_model_paths_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("mask", [0o022, 0o002])
 def test_outputs_get_the_modes_the_users_umask_gives(mask, tmp_path, tokenizer):
     """A saved model, its files and a GGUF export are as readable as any file the user makes: temporary names are
-    made 0700 / 0600 by tempfile, and the rename into place must not carry that over (issue 36)."""
+    made 0700 / 0600 by tempfile, and the rename into place must not carry that over."""
     import os
 
     from hywia.export import export_gguf

@@ -1,4 +1,4 @@
-"""Models larger than one device (issue 12): the memory options change how statistics are gathered, not what they
+"""Models larger than one device: the memory options change how statistics are gathered, not what they
 are. Gradient sweeps over a few layers, a bfloat16 store, activation checkpointing and the sequential forward walk
 each give the scores of the one-pass run; accelerate's device maps load and prune (on CPU here: CI has no GPU)."""
 from __future__ import annotations

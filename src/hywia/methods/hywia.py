@@ -16,7 +16,7 @@ ranking, cut at the layer's share, removes the groups whose loss the layer's out
 of calibration windows (the expected squared error of the output projection, tr(W_R E[x_R x_R^T] W_R^T), centred
 when removal compensates with the means). It costs one forward pass and a few small matrix products per layer.
 
-`hywia-adaptive` is that fusion with the structure and allocation that measured best (docs/method.md, issue 11):
+`hywia-adaptive` is that fusion with the structure and allocation that measured best (docs/method.md):
 query heads as the attention unit, removed inputs' means folded into the biases, global scope, `--reconstruct obs`:
 the scores decide how many groups each layer loses, OBS on the already-pruned layers' outputs decides which, and the
 weights that read them are refit with the biases (hywia.reconstruct), and the split of the budget between attention
