@@ -7,7 +7,8 @@ hide the differences).
     python benchmarks/report.py                                          # the table in docs/RESULTS.md
 
 Modes: gradient criteria (element2) in one pass, in sweeps of N layers (`--layers-per-pass`), with a bfloat16
-store, with activation checkpointing, and all three; forward-only statistics (flap) in one pass and walked one
+store, with activation checkpointing, and all three; with per-group totals instead of a per-weight store
+(`--stats-store groups`), alone and with sweeps and checkpointing; forward-only statistics (flap) in one pass and walked one
 layer at a time (`--sequential`); `l2` (no statistics) as the floor. "peak RSS" is the process's maximum resident
 memory, loading included; "stats MB" the accumulated per-weight statistics kept for scoring. Calibration: 4 x 128
 and 2 x 512 tokens (`--calibrations`): a mode's time scales with the windows, its activation memory with their length.
@@ -32,6 +33,8 @@ MODES = [  # (method, extra flags)
     ("element2", ("--stats-dtype", "bfloat16")),
     ("element2", ("--checkpointing",)),
     ("element2", ("--layers-per-pass", "10", "--stats-dtype", "bfloat16", "--checkpointing")),
+    ("element2", ("--stats-store", "groups")),
+    ("element2", ("--layers-per-pass", "10", "--stats-store", "groups", "--checkpointing")),
     ("flap", ()),
     ("flap", ("--sequential",)),
 ]

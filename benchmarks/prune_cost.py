@@ -4,6 +4,9 @@
     # the cost table across sizes: the methods compared there, at both ratios, on each model
     HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --model qwen2.5-coder-0.5b \
         --methods hywia-adaptive,slimgpt,element2,flap --ratios 0.2,0.5 --results benchmarks/results/cost_by_size.jsonl
+    # the default with per-group gradient totals against per-weight statistics, paired on one machine
+    HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --methods hywia-adaptive --ratios 0.2 \
+        --results benchmarks/results/stats_store.jsonl                     # and again with --extra "--stats-store groups"
 
 Run it on an otherwise idle machine: timings are what this reports. "prune s" is scoring + allocation + removal
 (gradient passes included, model loading excluded); "peak RSS" is the whole process's maximum resident memory,
@@ -26,9 +29,10 @@ if __name__ == "__main__":
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prune_cost.jsonl")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: every method, and 50-window rows)")
     parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--extra", default="", help="more `hywia prune` flags for every row, e.g. '--stats-store groups'")
     args = parser.parse_args()
     methods = args.methods.split(",") if args.methods else METHODS
-    rows = [Row(args.model, m, float(r)) for r in args.ratios.split(",") for m in methods]
+    rows = [Row(args.model, m, float(r), extra=tuple(args.extra.split())) for r in args.ratios.split(",") for m in methods]
     if args.methods is None:
         rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp", "flap")]
     done = {json.dumps(json.loads(line)["row"], sort_keys=True) for line in args.results.read_text().splitlines()} \

@@ -116,6 +116,20 @@ def cost_by_size_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def store_table(records: list[dict]) -> str:
+    """benchmarks/prune_cost.py rows of one method with and without `--stats-store groups` (one machine, one quiet
+    process a row): seconds, the whole prune's peak and the calibrate stage's, as multiples of the float32 weights."""
+    lines = ["| model | method | ratio | statistics | prune s | peak RSS GB | × float32 weights | calibrate stage peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["ratio"], r["row"]["extra"])):
+        row, peak = r["row"], r["peak_rss_mb"] * 2**20
+        store = "per-group totals" if "groups" in row["extra"] else "per-weight"
+        calibrate = r["stages"]["calibrate"]["peak_rss_mb"] * 2**20
+        lines.append(f"| {row['model']} | {row['method']} | {row['ratio']:.0%} | {store} | {r['prune_seconds']:,.0f} | "
+                     f"{peak / 1e9:.2f} | {peak / (4 * r['params_before']):.2f} | {calibrate / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
 def cost_by_machine(records: list[dict]) -> str:
     """One cost table by size per machine the rows ran on: seconds compare only on one machine."""
     sections = [f"\n## Prune cost by model size (one quiet process a row; {machine})\n\n"
@@ -505,6 +519,10 @@ if __name__ == "__main__":
     print("\n## Same calibration windows, paired by seed (ratio < 1: the first is better)\n")
     print(paired_table(quality))
     print(cost_by_machine(load("cost_by_size.jsonl")))
+    stores = load("stats_store.jsonl")
+    for machine in dict.fromkeys(r["machine"] for r in stores):
+        print(f"\n## Gradient statistics per weight or per group ({machine})\n")
+        print(store_table([r for r in stores if r["machine"] == machine]))
     cost = load("prune_cost.jsonl")
     if cost:
         print("\n## Prune cost\n")

@@ -13,7 +13,7 @@ import torch
 
 from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 from hywia import HywiaError, load_model, prune, save_model
-from hywia.importance import Memory, Stats, collect_inputs, get_criterion
+from hywia.importance import Memory, Stats, collect_inputs, get_criterion, taylor_sums
 from hywia.grouping import find_groups
 from hywia.calibrate import calibration_stats
 from test_cli import run
@@ -53,6 +53,39 @@ def test_memory_options_prune_the_same_groups(method, calib_ids):
                     memory=Memory(layers_per_pass=1, checkpointing=True, store_device="cpu"))
     assert lean.kept == plain.kept
     assert lean.extra["memory"]["layers_per_pass"] == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "bloom"])  # separate q/k/v, fused qkv and gate_up, fused per-head qkv
+@pytest.mark.parametrize("method, options", [("element2", {}), ("vector", {}), ("hywia", {}),
+                                             ("hywia-adaptive", {"reconstruct": False, "kind_split": "ratio"})])
+def test_per_group_totals_give_the_per_weight_stores_scores(family, method, options, calib_ids):
+    """--stats-store groups sums w*g and w^2*F per group as each gradient arrives, keeping no per-weight store: the
+    same scores to float rounding, in one pass and in sweeps, and the same groups removed."""
+    dense = tiny_model(family)
+    sets = find_groups(dense)
+    criterion = get_criterion(method)
+    weights = calibration_stats(dense, sets, criterion, calib_ids, 0, 2)
+    for memory in (Memory(store="groups"), Memory(store="groups", layers_per_pass=2)):
+        groups = calibration_stats(dense, sets, criterion, calib_ids, 0, 2, memory=memory)
+        assert not groups.grad and not groups.fisher and groups.group_sums
+        assert sum(t.numel() for t in groups.group_sums.values()) < sum(t.numel() for t in weights.grad.values()) / 4
+        for order in (1, 2) if criterion.needs_fisher else (1,):
+            for s in sets:
+                torch.testing.assert_close(taylor_sums(s, groups, order), taylor_sums(s, weights, order), rtol=1e-5, atol=1e-9)
+    _, plain = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, **options)
+    _, lean = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, memory=Memory(store="groups"), **options)
+    assert lean.kept == plain.kept and lean.extra["memory"]["store"] == "groups"
+    assert lean.extra["stats_mb"] < plain.extra["stats_mb"] / 4
+
+
+@pytest.mark.parametrize("method, memory, message", [
+    ("element1", Memory(store="groups"), "--stats-store groups .* --method element1 reads per-weight statistics"),
+    ("saap", Memory(store="groups"), "--method saap reads per-weight statistics"),
+    ("element2", Memory(store="groups", store_dtype="bfloat16"), "--stats-dtype .* leave --stats-dtype out"),
+    ("element2", Memory(store="heads"), "unknown --stats-store 'heads'")])
+def test_per_group_totals_are_refused_where_they_cannot_serve(method, memory, message):
+    with pytest.raises(HywiaError, match=message):
+        prune(tiny_model(), method=method, ratio=0.2, memory=memory)
 
 
 def test_bfloat16_store_halves_the_buffers_and_reads_back_float32(calib_ids):
@@ -121,6 +154,11 @@ def test_cli_memory_flags_reach_the_recipe(tmp_path, tokenizer, text_dir, capsys
     assert code == 0, err
     memory = json.loads((tmp_path / "p" / "hywia.json").read_text())["extra"]["memory"]
     assert memory["layers_per_pass"] == 2 and memory["store_dtype"] == "bfloat16" and memory["checkpointing"] is True
+    code, _, err = run(capsys, "prune", "--model", str(dense), "--method", "element2", "--ratio", "0.3", "--samples", "4",
+                       "--seq-len", "16", "--stats-store", "groups", "--data-dir", str(text_dir), "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "g" / "hywia.json").read_text())
+    assert record["extra"]["memory"]["store"] == "groups" and record["recipe"]["stats_store"] == "groups"
     code, _, err = run(capsys, "prune", "--model", str(dense), "--method", "sparsegpt", "--sparsity", "0.5",
                        "--layers-per-pass", "2", "--out", str(tmp_path / "q"))
     assert code != 0 and "--layers-per-pass does not apply to --method sparsegpt" in err

@@ -51,3 +51,16 @@ def test_cost_tables_compare_seconds_within_one_machine(report):
     xeon, epyc = text.split("AMD EPYC)")
     assert "Intel Xeon)" in xeon and "| 300 | 3.00 |" in xeon and "| 300 | 1.50 |" in epyc
     assert "1.50" not in xeon and "3.00" not in epyc
+
+
+def test_store_table_names_each_statistics_store_and_its_calibrate_peak(report):
+    """The per-weight and per-group rows of one method side by side; the calibrate stage's peak in GB (10^9 bytes)."""
+    gib_of_weights = 2**30 // 4
+    plain = {**row("m", "hywia-adaptive", gib_of_weights, 300, 4096), "stages": {"calibrate": {"peak_rss_mb": 4096}}}
+    plain["row"]["extra"] = []
+    lean = {**row("m", "hywia-adaptive", gib_of_weights, 290, 2048), "stages": {"calibrate": {"peak_rss_mb": 1024}}}
+    lean["row"] = {**lean["row"], "extra": ["--stats-store", "groups"]}
+    lines = report.store_table([lean, plain]).splitlines()[2:]
+    assert [line.split(" | ")[3] for line in lines] == ["per-weight", "per-group totals"]
+    assert lines[0].strip(" |").split(" | ")[4:8] == ["300", "4.29", "4.00", "4.29"]
+    assert lines[1].strip(" |").split(" | ")[4:8] == ["290", "2.15", "2.00", "1.07"]

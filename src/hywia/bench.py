@@ -7,6 +7,7 @@ measured and a rerun skips rows already there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -68,6 +69,16 @@ def _prune(row: Row, data_dir: str, out: str) -> dict:
                   "--data-dir", data_dir, "--out", out, *row.extra)
 
 
+def weights_digest(folder: Path) -> str:
+    """A digest of a saved model's weight files: two rows with the same digest pruned to the same weights, bit for bit."""
+    digest = hashlib.sha1()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, max_windows: int | None = 100) -> dict:
     """Prune (unless ratio is 0) and, if `data` names datasets, evaluate one row; returns its measurements."""
     result: dict = {"row": asdict(row), "machine": machine()}
@@ -78,7 +89,9 @@ def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, m
             pruned = _prune(row, data_dir, model)
             result.update(params=pruned["params_after"], prune_seconds=pruned["seconds"], load_seconds=pruned["load_seconds"],
                           peak_rss_mb=pruned["peak_rss_mb"], achieved_ratio=pruned["achieved_ratio"],
-                          params_before=pruned["params_before"], stages=pruned.get("extra", {}).get("stages"))
+                          params_before=pruned["params_before"], stages=pruned.get("extra", {}).get("stages"),
+                          kept_digest=hashlib.sha1(json.dumps(pruned["kept"], sort_keys=True).encode()).hexdigest()[:12],
+                          weights_digest=weights_digest(Path(model)))
         if data:
             ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
                          "--max-windows", str(max_windows), "--data-dir", data_dir)

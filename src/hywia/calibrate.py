@@ -33,7 +33,9 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
     stats = have if have is not None else Stats(seed=seed)
     fisher = criterion.needs_fisher or criterion.per_sample is not None
     names = {slot.name for s in sets for slot in s.slots}
-    if (criterion.needs_grad or fisher) and not (names <= set(stats.grad) and (names <= set(stats.fisher) or not fisher)):
+    have_sums = {key[0] for key in stats.group_sums if key[-1] == (2 if fisher else 1)} if memory.store == "groups" else set()
+    have_weights = names <= set(stats.grad) and (names <= set(stats.fisher) or not fisher)
+    if (criterion.needs_grad or fisher) and not (have_weights or names <= have_sums):
         per_sample = (lambda grads, scale: criterion.per_sample(sets, grads, scale)) if criterion.per_sample else None
         layers = sorted({s.layer for s in sets})
         step = memory.layers_per_pass or len(layers)
@@ -43,7 +45,8 @@ def calibration_stats(model: nn.Module, sets: list[LayerGroups], criterion: Crit
         for chunk in (set(layers[i:i + step]) for i in range(0, len(layers), step)):
             chunk_names = {slot.name for s in sets if s.layer in chunk for slot in s.slots}
             collected = collect_stats(model, samples, chunk_names, fisher=fisher, batch_size=batch_size, seed=seed,
-                                      per_sample=per_sample, memory=memory)
+                                      per_sample=per_sample, memory=memory, sets=sets)
+            stats.group_sums.update(collected.group_sums)
             for source, target in ((collected.grad, stats.grad), (collected.fisher, stats.fisher)):
                 target.device = source.device
                 for name in source:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .errors import HywiaError
-from .grouping import LayerGroups
+from .grouping import LayerGroups, Slot
 from .scratch import scratch_dir
 from .walk import decoder_layers, walk_layers
 
@@ -108,6 +108,7 @@ class Memory:
 
     layers_per_pass: int | None = None  # gradient criteria: one backward sweep per this many decoder layers' weights
     store_dtype: str = "float32"  # finished per-weight accumulators kept in this dtype ("bfloat16" halves them)
+    store: str = "weights"  # "groups": per-sample statistics summed into per-group totals as backward gives them (GroupSums)
     store_device: str | None = None  # ... and on this device ("cpu": off the accelerator)
     checkpointing: bool = False  # gradient criteria: recompute each decoder layer's activations during backward
     sequential: bool = False  # forward-only statistics walked one decoder layer at a time (`hywia.walk`)
@@ -118,6 +119,11 @@ class Memory:
             raise HywiaError(f"--layers-per-pass {self.layers_per_pass} must be at least 1")
         if self.store_dtype not in ("float32", "bfloat16", "float16"):
             raise HywiaError(f"unknown --stats-dtype '{self.store_dtype}': use float32, bfloat16 or float16")
+        if self.store not in STORES:
+            raise HywiaError(f"unknown --stats-store '{self.store}': use weights (per-weight statistics) or groups (per-group totals)")
+        if self.store == "groups" and self.store_dtype != "float32":
+            raise HywiaError("--stats-dtype sets the per-weight store's precision, and --stats-store groups keeps no per-weight "
+                             "store (its per-group totals are float64): leave --stats-dtype out")
 
 
 @dataclass
@@ -131,6 +137,7 @@ class Stats:
     samples: dict[str, Moments] = field(default_factory=dict)
     heldout: dict[str, Moments] = field(default_factory=dict)  # output projections' inputs on a second calibration draw
     heldout_ids: torch.Tensor | None = None  # that draw's windows [n, seq_len]
+    group_sums: dict[tuple, torch.Tensor] = field(default_factory=dict)  # `--stats-store groups`: GroupSums.totals
     seed: int = 0
     _spill: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -182,10 +189,59 @@ class Criterion:
     heldout: Callable[[dict], bool] | None = None
     reconstructs: bool | str = False  # the default --reconstruct: True (refit) or "obs" (OBS chooses too)
     select: Callable[[LayerGroups, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    group_sums: bool = False  # its scores read the gradients only through `taylor_sums`: `--stats-store groups` applies
 
     @property
     def needs_data(self) -> bool:
         return self.needs_grad or self.needs_fisher or self.needs_inputs
+
+
+STORES = ("weights", "groups")
+
+
+def slot_key(slot: Slot, count: int, order: int) -> tuple:
+    return slot.name, slot.dim, slot.offset, slot.size, count, order
+
+
+class GroupSums:
+    """Gradient statistics summed per group as backward produces them (`--stats-store groups`): for each slot of each
+    group, the sum over its weights of w * g (order 1) and w^2 * F (order 2, with the Fisher), added one sample (or
+    micro-batch) at a time in float64. Criteria made of those sums (Vector, Element², HyWIA's two granularities)
+    then need no per-weight store, which is two float32 copies of the prunable weights (52 GB at 7B); the totals are
+    a few numbers per group. The same sums as the per-weight store's, added in another order: equal to float
+    rounding, not bit for bit."""
+
+    def __init__(self, sets: list[LayerGroups], names: set[str], fisher: bool):
+        self.orders = (1, 2) if fisher else (1,)
+        self.slots: dict[str, list[tuple[Slot, int]]] = {}
+        for s in sets:
+            for slot in s.slots:
+                if slot.name in names:
+                    self.slots.setdefault(slot.name, []).append((slot, s.count))
+        self.totals: dict[tuple, torch.Tensor] = {}
+
+    def add(self, name: str, param: torch.Tensor, grad: torch.Tensor, n: int) -> None:
+        """Add one backward's gradient `grad` of `param` (the per-sample gradient scaled by 1/n under the Fisher)."""
+        w, g = param.detach().float(), grad.float()
+        values = {1: w * g}
+        if 2 in self.orders:
+            values[2] = w.square() * ((g * n).square() / n)
+        for slot, count in self.slots.get(name, []):
+            for order, value in values.items():
+                total = value.movedim(slot.dim, 0).narrow(0, slot.offset, count * slot.size).reshape(count, -1).sum(1).double()
+                key = slot_key(slot, count, order)
+                self.totals[key] = self.totals[key] + total if key in self.totals else total
+
+
+def taylor_sums(s: LayerGroups, stats: Stats, order: int) -> torch.Tensor:
+    """Per group and slot of `s` [count, n_slots]: the sum over its weights of w * g (order 1; g the batch gradient)
+    or of w^2 * F (order 2; F the empirical Fisher's diagonal), from the per-group totals when calibration kept those
+    (`--stats-store groups`), else from the per-weight store."""
+    if stats.group_sums:
+        return torch.stack([stats.group_sums[slot_key(slot, s.count, order)].float().cpu() for slot in s.slots], dim=1)
+    if order == 1:
+        return s.member_sums(lambda slot: slot.param.detach() * stats.grad[slot.name])
+    return s.member_sums(lambda slot: slot.param.detach().float().square() * stats.fisher[slot.name])
 
 
 def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[list[LayerGroups], Stats, dict], Scores]:
@@ -196,14 +252,15 @@ def per_layer(score: Callable[[LayerGroups, Stats], torch.Tensor]) -> Callable[[
 def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str], fisher: bool,
                   batch_size: int = 4, seed: int = 0,
                   per_sample: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
-                  memory: Memory = Memory()) -> Stats:
+                  memory: Memory = Memory(), sets: list[LayerGroups] | None = None) -> Stats:
     """Accumulate gradient statistics of `param_names` over `samples` [n, seq_len] (token ids).
 
     With `fisher`, every sample gets its own backward pass: the empirical Fisher needs per-sample gradients,
     and the batch gradient is their mean. Without it, micro-batches of `batch_size` are enough. `per_sample`
     (with `fisher`) gets every sample's gradients and the scale that makes them per-sample ones; the moments of
     what it returns go to `stats.samples`. `memory.checkpointing` recomputes decoder layers' activations in the
-    backward pass; finished accumulators move to `memory.store_dtype` / `store_device`.
+    backward pass; finished accumulators move to `memory.store_dtype` / `store_device`. With `memory.store` "groups",
+    each gradient goes into the per-group totals of `sets` instead (`GroupSums`, in `stats.group_sums`).
     """
     stats = Stats(seed=seed)
     params = dict(model.named_parameters())
@@ -216,14 +273,19 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
         p.requires_grad_(name in param_names)
         p.grad = None
     step, n = (1 if fisher else batch_size), len(samples)
-    grad = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names}
-    squares = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in param_names} if fisher else {}
+    sums = GroupSums(sets or [], param_names, fisher) if memory.store == "groups" else None
+    per_weight = param_names if sums is None else set()
+    grad = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in per_weight}
+    squares = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in per_weight} if fisher else {}
 
     def add(name: str) -> None:
-        g = params[name].grad.float()
-        grad[name] += g
-        if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
-            squares[name] += (g * n).square() / n
+        if sums is not None:
+            sums.add(name, params[name], params[name].grad, n)
+        else:
+            g = params[name].grad.float()
+            grad[name] += g
+            if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
+                squares[name] += (g * n).square() / n
         params[name].grad = None
 
     # Each weight's gradient is added to the statistics (and freed) the moment backward has it, so only one weight's
@@ -248,8 +310,10 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
             p.requires_grad_(saved_flags[name])
             p.grad = None
         model.train(was_training)
+    if sums is not None:
+        stats.group_sums = sums.totals
     store = {"dtype": getattr(torch, memory.store_dtype), "device": memory.store_device or device}
-    for name in param_names:
+    for name in per_weight:
         dict.__setitem__(stats.grad, name, grad.pop(name).to(**store))
         if fisher:
             dict.__setitem__(stats.fisher, name, squares.pop(name).to(**store))

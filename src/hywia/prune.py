@@ -187,11 +187,12 @@ def score(run: Pruning) -> Scores:
     for s, values in zip(run.sets, scores.per_set):
         check_tensor(values, f"the {r.method} scores of layer {s.layer} ({s.kind})", "the calibration statistics overflowed; "
                      "calibrate in --dtype float32, or with fewer --samples")
-    stored = [t for store in (run.stats.grad, run.stats.fisher) for t in dict.values(store)]
+    stored = [t for store in (run.stats.grad, run.stats.fisher, run.stats.group_sums) for t in dict.values(store)]
     run.extra["stats_mb"] = sum(t.numel() * t.element_size() for t in stored) / 2**20
     if not run.reused:  # per-weight gradients, Fisher and held-out moments are spent once scored: free them before the walks
         run.stats.grad.clear()
         run.stats.fisher.clear()
+        run.stats.group_sums.clear()
         for m in run.stats.heldout.values():
             m.discard()
         run.stats.heldout.clear()

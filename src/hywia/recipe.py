@@ -25,10 +25,10 @@ from .split import REFIT_SPLITS, check_split
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
                    "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "judge_samples",
-                   "judge_calib", "layers_per_pass", "stats_dtype", "stats_device")
+                   "judge_calib", "layers_per_pass", "stats_dtype", "stats_device", "stats_store")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
-                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128, "judge_samples": 100}
+                       "min_keep": 1, "stats_dtype": "float32", "stats_store": "weights", "reconstruct_samples": 128, "judge_samples": 100}
 UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
 METHOD_OPTIONS = {"structured": ("fusion", "alpha", "fusion_dim", "normalize", "spread"),
                   "unstructured": ("spread", "granularity", "sensitivity_samples", "wbits")}
@@ -75,6 +75,7 @@ class Recipe:
     layers_per_pass: int | None = None
     stats_dtype: str | None = None
     stats_device: str | None = None
+    stats_store: str | None = None
     checkpointing: bool = False
     sequential: bool = False
 
@@ -94,8 +95,9 @@ class Recipe:
 
     def memory(self, device: str | None = None) -> Memory:
         """How statistics are gathered (`device`: where a sequential walk moves each layer)."""
-        return Memory(self.layers_per_pass, self.stats_dtype or "float32", self.stats_device, self.checkpointing,
-                      self.sequential, device)
+        return Memory(layers_per_pass=self.layers_per_pass, store_dtype=self.stats_dtype or "float32",
+                      store=self.stats_store or "weights", store_device=self.stats_device, checkpointing=self.checkpointing,
+                      sequential=self.sequential, device=device)
 
     def check(self) -> Recipe:
         """Refuse the first option that is wrong by itself or with the others, naming it as its flag; nothing is
@@ -148,6 +150,10 @@ class Recipe:
         if (self.target or "both") not in ("attention", "mlp", "both"):
             raise HywiaError(f"unknown target '{self.target}': use attention, mlp or both")
         self.memory().check()
+        if self.stats_store == "groups" and not criterion.group_sums:
+            takes = ", ".join(name for name, c in CRITERIA.items() if c.group_sums)
+            raise HywiaError(f"--stats-store groups keeps per-group sums of w*g and w^2*F, and --method {self.method} reads "
+                             f"per-weight statistics: leave it out (it applies to {takes})")
 
     def resolved(self, grouped_query: bool = True) -> Recipe:
         """This recipe with every default filled in as the run uses it (`grouped_query`: whether the model has query
@@ -223,12 +229,13 @@ class Recipe:
 
 def recipe_with(recipe: Recipe | None, options: dict, defaults: dict) -> Recipe:
     """`recipe`, or a new one from `defaults` (the keyword API's: a ratio of 0.2 for `hywia.prune`, SparseGPT at 50%
-    for `hywia.sparsify`), with keyword `options` applied over it; `memory=Memory(...)` stands for its five fields.
+    for `hywia.sparsify`), with keyword `options` applied over it; `memory=Memory(...)` stands for its six fields.
     An option that is no field of Recipe is refused by name."""
     options = {k: v for k, v in options.items() if v is not None}
     memory = options.pop("memory", None)
     if memory is not None:
-        options.update(layers_per_pass=memory.layers_per_pass, stats_dtype=memory.store_dtype, stats_device=memory.store_device,
+        options.update(layers_per_pass=memory.layers_per_pass, stats_dtype=memory.store_dtype, stats_store=memory.store,
+                       stats_device=memory.store_device,
                        checkpointing=memory.checkpointing, sequential=memory.sequential)
     unknown = sorted(set(options) - {f.name for f in fields(Recipe)})
     if unknown:

@@ -30,7 +30,7 @@ import torch
 from ..errors import HywiaError
 from ..fusion import NORMALISATIONS, AttentionFusion, normalise_per_kind
 from ..grouping import LayerGroups
-from ..importance import Criterion, Moments, Scores, Stats, register
+from ..importance import Criterion, Moments, Scores, Stats, register, taylor_sums
 
 FUSIONS = ("attention", "fixed", "evidence")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # evidence fusion's candidates: coarse only ... fine only
@@ -38,8 +38,7 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # evidence fusion's candidates: coarse onl
 
 def granularities(s: LayerGroups, stats: Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fine per projection [n, m], coarse per projection [n, m], fine [n], coarse [n]) of one layer's groups."""
-    fine_parts = s.member_sums(lambda slot: 0.5 * slot.param.detach().float().square() * stats.fisher[slot.name])
-    signed_parts = s.member_sums(lambda slot: slot.param.detach() * stats.grad[slot.name])
+    fine_parts, signed_parts = 0.5 * taylor_sums(s, stats, 2), taylor_sums(s, stats, 1)
     return fine_parts, signed_parts.abs(), fine_parts.sum(1), signed_parts.sum(1).abs()
 
 
@@ -124,7 +123,7 @@ def fuse(sets: list[LayerGroups], stats: Stats, options: dict) -> Scores:
 
 
 register("hywia", Criterion(fuse, needs_grad=True, needs_fisher=True, options=("fusion", "alpha", "fusion_dim", "normalize"),
-                            check=fusion_options, heldout=lambda options: options.get("fusion") == "evidence"))
+                            check=fusion_options, heldout=lambda options: options.get("fusion") == "evidence", group_sums=True))
 
 
 def _adaptive(options: dict) -> dict:
@@ -134,8 +133,8 @@ def _adaptive(options: dict) -> dict:
 # hywia's best measured configuration (docs/RESULTS.md, "HyWIA's own method" and "Updating the kept weights"): evidence
 # fusion over query heads with bias compensation, one ranking per kind across layers (per-layer ratios), OBS selection
 # with the refit, and the attention/MLP split by evidence-best (`--reconstruct no` turns the refit off and the split
-# falls back to the masked evidence: the issue-11 configuration). `--method hywia` stays the paper's.
+# falls back to the masked evidence). `--method hywia` stays the paper's.
 register("hywia-adaptive", Criterion(lambda sets, stats, options: fuse(sets, stats, _adaptive(options)), needs_grad=True,
                                      needs_fisher=True, options=("normalize",), check=lambda options: fusion_options(_adaptive(options)),
                                      heldout=lambda options: True, scope="global", compensates=True, attention_unit="query",
-                                     kind_split="evidence-best", reconstructs="obs"))
+                                     kind_split="evidence-best", reconstructs="obs", group_sums=True))
