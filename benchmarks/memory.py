@@ -16,7 +16,6 @@ and 2 x 512 tokens (`--calibrations`): a mode's time scales with the windows, it
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from hywia.bench import Row, _hywia, machine  # noqa: E402
+from hywia.bench import Row, _hywia, kept_digest, machine  # noqa: E402
 
 MODES = [  # (method, extra flags)
     ("l2", ()),
@@ -67,7 +66,7 @@ def main() -> None:
             record = {"key": key, "model": args.model, "method": method, "flags": " ".join(extra), "seq_len": seq_len,
                       "samples": samples, "prune_seconds": pruned["seconds"], "load_seconds": pruned["load_seconds"],
                       "peak_rss_mb": pruned["peak_rss_mb"], "stats_mb": pruned["extra"].get("stats_mb", 0.0),
-                      "kept_digest": hashlib.sha1(json.dumps(pruned["kept"], sort_keys=True).encode()).hexdigest()[:12],
+                      "kept_digest": kept_digest(pruned["kept"]),
                       "machine": machine()}
             print(f"{method} {' '.join(extra)} seq {seq_len}: {record['prune_seconds']:.0f} s, peak {record['peak_rss_mb']:.0f} MB, "
                   f"stats {record['stats_mb']:.0f} MB", flush=True)

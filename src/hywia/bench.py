@@ -69,6 +69,11 @@ def _prune(row: Row, data_dir: str, out: str) -> dict:
                   "--data-dir", data_dir, "--out", out, *row.extra)
 
 
+def kept_digest(kept: dict) -> str:
+    """A digest of a prune's kept groups (hywia.json's "kept"): two rows with the same digest removed the same groups."""
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def weights_digest(folder: Path) -> str:
     """A digest of a saved model's weight files: two rows with the same digest pruned to the same weights, bit for bit."""
     digest = hashlib.sha1()
@@ -90,7 +95,7 @@ def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, m
             result.update(params=pruned["params_after"], prune_seconds=pruned["seconds"], load_seconds=pruned["load_seconds"],
                           peak_rss_mb=pruned["peak_rss_mb"], achieved_ratio=pruned["achieved_ratio"],
                           params_before=pruned["params_before"], stages=pruned.get("extra", {}).get("stages"),
-                          kept_digest=hashlib.sha1(json.dumps(pruned["kept"], sort_keys=True).encode()).hexdigest()[:12],
+                          kept_digest=kept_digest(pruned["kept"]),
                           weights_digest=weights_digest(Path(model)))
         if data:
             ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
