@@ -130,6 +130,23 @@ def store_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("before", "calibrate", "score", "split", "build aside", "build")
+
+
+def stage_table(records: list[dict]) -> str:
+    """benchmarks/prune_cost.py rows with each stage's own peak (hywia.json's stages; "before" is loading), GB:
+    where a prune's memory goes, and which stage sets its peak."""
+    lines = ["| model | method | ratio | options | prune s | peak GB | × float32 weights | " + " | ".join(STAGES) + " |",
+             "|" + "---|" * (7 + len(STAGES))]
+    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["extra"])):
+        row, peak = r["row"], r["peak_rss_mb"] * 2**20
+        options = " ".join(row["extra"]) or "-"
+        stages = " | ".join(f"{r['stages'][s]['peak_rss_mb'] * 2**20 / 1e9:.2f}" if s in r["stages"] else "-" for s in STAGES)
+        lines.append(f"| {row['model']} | {row['method']} | {row['ratio']:.0%} | {options} | {r['prune_seconds']:,.0f} | "
+                     f"{peak / 1e9:.2f} | {peak / (4 * r['params_before']):.2f} | {stages} |")
+    return "\n".join(lines)
+
+
 def cost_by_machine(records: list[dict]) -> str:
     """One cost table by size per machine the rows ran on: seconds compare only on one machine."""
     sections = [f"\n## Prune cost by model size (one quiet process a row; {machine})\n\n"
@@ -485,6 +502,7 @@ if __name__ == "__main__":
         ("sparsity.jsonl", "Unstructured and N:M (SmolLM2-135M)", sparsity_table),
         ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
         ("memory.jsonl", "Memory options", memory_table),
+        ("owned_weights.jsonl", "Where a prune's memory goes", stage_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
         ("hybrid.jsonl", "Three seeds against SlimGPT: the default, reconstruction and the baselines", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),

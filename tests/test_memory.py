@@ -16,6 +16,7 @@ from hywia import HywiaError, load_model, prune, save_model
 from hywia.importance import Memory, Stats, collect_inputs, get_criterion, taylor_sums
 from hywia.grouping import find_groups
 from hywia.calibrate import calibration_stats
+from hywia.costs import file_backed_ranges, mapped, own_weights
 from test_cli import run
 
 
@@ -144,6 +145,38 @@ def test_accelerate_device_map_loads_and_prunes(tmp_path, tokenizer, calib_ids):
     assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) <= {"cpu", 0, 1, 2, 3, 4, 5, 6, 7}
     pruned, report = prune(model, method="element2", ratio=0.3, calib=calib_ids)
     assert report.params_after < report.params_before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_prune_owns_the_weights_a_checkpoint_mapped_and_prunes_what_it_would_in_memory(tmp_path, tokenizer, calib_ids):
+    dense = tiny_model("llama")
+    dense.config.tie_word_embeddings = True
+    dense.lm_head.weight = dense.model.embed_tokens.weight
+    out = save_model(dense, tokenizer, tmp_path / "dense", {})
+    model, _ = load_model(str(out))
+    ranges = file_backed_ranges()
+    assert sum(mapped(p, ranges) for p in model.parameters()) > 0  # transformers maps safetensors
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert own_weights(model) > 0
+    ranges = file_backed_ranges()
+    assert not any(mapped(t, ranges) for t in [*model.parameters(), *model.buffers()])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, values[name], rtol=0, atol=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert own_weights(model) == 0
+
+    shared, _ = load_model(str(out))  # two Parameters viewing the same mapped memory get one copy between them
+    shared.lm_head.weight = torch.nn.Parameter(shared.model.embed_tokens.weight.data)
+    own_weights(shared)
+    assert shared.lm_head.weight.data_ptr() == shared.model.embed_tokens.weight.data_ptr()
+    assert not mapped(shared.lm_head.weight, file_backed_ranges())
+
+    mapped_model, _ = load_model(str(out))  # prune() owns them itself
+    pruned, report = prune(mapped_model, method="element2", ratio=0.3, calib=calib_ids)
+    _, reference = prune(model, method="element2", ratio=0.3, calib=calib_ids)
+    assert report.kept == reference.kept
+    for (name, a), (_, b) in zip(pruned.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_cli_memory_flags_reach_the_recipe(tmp_path, tokenizer, text_dir, capsys):

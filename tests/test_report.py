@@ -64,3 +64,19 @@ def test_store_table_names_each_statistics_store_and_its_calibrate_peak(report):
     assert [line.split(" | ")[3] for line in lines] == ["per-weight", "per-group totals"]
     assert lines[0].strip(" |").split(" | ")[4:8] == ["300", "4.29", "4.00", "4.29"]
     assert lines[1].strip(" |").split(" | ")[4:8] == ["290", "2.15", "2.00", "1.07"]
+
+
+def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
+    """One row a prune: its options, the whole peak as a multiple of the float32 weights, then each stage's own peak
+    in GB; a stage the method has no use for (SlimGPT builds nothing aside) reads "-"."""
+    gib_of_weights = 2**30 // 4
+    default = {**row("m", "hywia-adaptive", gib_of_weights, 400, 3072),
+               "stages": {s: {"peak_rss_mb": 1024 * (i + 1) / 2} for i, s in enumerate(report.STAGES)}}
+    default["row"] = {**default["row"], "extra": ["--stats-store", "groups"]}
+    slim = {**row("m", "slimgpt", gib_of_weights, 100, 2048), "stages": {"before": {"peak_rss_mb": 512}, "build": {"peak_rss_mb": 2048}}}
+    slim["row"]["extra"] = []
+    lines = report.stage_table([slim, default]).splitlines()[2:]
+    first, second = (line.strip(" |").split(" | ") for line in lines)
+    assert first[1:7] == ["hywia-adaptive", "20%", "--stats-store groups", "400", "3.22", "3.00"]
+    assert first[7:] == ["0.54", "1.07", "1.61", "2.15", "2.68", "3.22"]
+    assert second[3] == "-" and second[7:] == ["0.54", "-", "-", "-", "-", "2.15"]

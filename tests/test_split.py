@@ -253,3 +253,21 @@ def test_a_candidate_built_aside_leaves_the_model_dense_and_equals_one_built_in_
     assert all(torch.equal(p, in_place.state_dict()[n]) for n, p in model.state_dict().items())
     assert model.config.hywia_layer_widths == in_place.config.hywia_layer_widths
     assert torch.equal(model(calib_ids).logits, in_place(calib_ids).logits)
+
+
+def test_heldout_forwards_hold_no_more_logits_than_the_cap_and_give_the_same_loss(calib_ids, monkeypatch):
+    """The screens' held-out passes run as few windows a forward as keep their logits under LOGITS_BYTES (a large
+    vocabulary's logits are the largest thing they hold), and the loss is the mean over windows either way."""
+    import hywia.split as split
+    model = tiny_model("llama")
+    whole = heldout_loss(model, calib_ids, 4)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(len(kwargs["input_ids"])), with_kwargs=True)
+    window = calib_ids.shape[1] * model.config.vocab_size * 4
+    monkeypatch.setattr(split, "LOGITS_BYTES", 2 * window + 1)
+    assert heldout_loss(model, calib_ids, 4) == pytest.approx(whole, abs=1e-6)
+    assert batches == [2, 2, 2]  # six windows, two a forward
+    batches.clear()
+    monkeypatch.setattr(split, "LOGITS_BYTES", window - 1)
+    heldout_loss(model, calib_ids, 4)
+    assert batches == [1] * 6  # one window at the least

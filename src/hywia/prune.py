@@ -20,7 +20,7 @@ from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
 from .calibrate import HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats
-from .costs import Costs, release_memory
+from .costs import Costs, own_weights, release_memory
 from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_tensor, check_weights
@@ -107,6 +107,7 @@ def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, dev
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HywiaError("some weights are offloaded (on the meta device): hywia prunes weights in place, so give every "
                          "layer a GPU or the CPU (--device auto without disk offload; --layers-per-pass and --stats-device cpu save memory)")
+    own_weights(model)  # removal frees each dense Linear it replaces only if its memory is the process's own
     check_weights(model, "prune a model whose weights are all finite (NaN would spread through compensation and scores)")
     if stats is not None and stats.seed != recipe.seed:
         raise HywiaError(f"statistics of seed {stats.seed} cannot be reused for seed {recipe.seed}")

@@ -19,19 +19,19 @@ def kept_groups(count: int, removed: torch.Tensor) -> list[int]:
 
 
 def _shrunk(module: nn.Linear, dim: int, rows: torch.Tensor, bias_shift: torch.Tensor | None = None) -> nn.Linear:
-    """A Linear holding the kept rows (dim 0) or columns (dim 1); `bias_shift` is added to its bias (created if absent)."""
+    """A Linear holding the kept rows (dim 0) or columns (dim 1); `bias_shift` is added to its bias (created if absent).
+    It is built on the meta device and handed its weights: a random initialisation would only be overwritten."""
     weight = module.weight.data.index_select(dim, rows.to(module.weight.device))
     has_bias = module.bias is not None or bias_shift is not None
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     if has_bias:
         bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
         if module.bias is not None:
             bias += module.bias.data[rows.to(weight.device)] if dim == 0 else module.bias.data
         if bias_shift is not None:
             bias += bias_shift.to(bias.device)
-        new.bias.data.copy_(bias)
-    new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias = nn.Parameter(bias.to(weight.dtype))
     return new
 
 
@@ -71,6 +71,7 @@ def remove_groups(model: nn.Module, sets: list[LayerGroups], removed: list[torch
             new = _shrunk(module, dim, keep.nonzero().flatten(), shift)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+            module.to("meta")  # the groups still name the dense Linear: without this its weights live as long as they do
             added_bias = shift is not None or len(shapes.get(name, ())) > 2
             shapes[name] = [new.out_features, new.in_features] + ([True] if added_bias else [])
     record_widths(model, shapes, before)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .costs import release_memory
+from .costs import release_memory, trim_heap
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -82,6 +82,18 @@ def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
+@torch.no_grad()
+def _through(layer: nn.Module, batches: list[torch.Tensor], kwargs: list[dict]) -> bool:
+    """Replace each batch of hidden states in `batches` by `layer`'s output on it, so a batch's input is freed as its
+    output is made (two copies of a walk's windows are never alive at once); True if the layer returns tuples."""
+    tupled = False
+    for i, kw in enumerate(kwargs):
+        result = layer(batches[i], **kw)
+        tupled |= isinstance(result, tuple)
+        batches[i] = _output(result)
+    return tupled
+
+
 @dataclass
 class Passengers:
     """Windows that ride along a walk unobserved, through each layer as `after` left it: `ids` in, and once the walk
@@ -124,13 +136,12 @@ def walk_layers(model: nn.Module, ids: torch.Tensor, names: set[str], observe: C
             for handle in handles:
                 handle.remove()
         if after is not None and after(index, layer):
-            with torch.no_grad():
-                outputs = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs[index])]
+            del outputs  # the unchanged layer's
+            trim_heap()  # what `after` freed (its H, the selection's and the refit's solves), before the layer runs again
+            _through(layer, hidden, kwargs[index])
+            outputs = hidden
         if passengers is not None:
-            with torch.no_grad():
-                results = [layer(h, **kw) for h, kw in zip(riders, rider_kwargs[index])]
-            passengers.tupled = any(isinstance(r, tuple) for r in results)
-            riders = [_output(r) for r in results]
+            passengers.tupled = _through(layer, riders, rider_kwargs[index])
             rider_kwargs[index] = []
         hidden = outputs
         if device is not None:
