@@ -7,6 +7,9 @@
     # the default with per-group gradient totals against per-weight statistics, paired on one machine
     HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --methods hywia-adaptive --ratios 0.2 \
         --results benchmarks/results/stats_store.jsonl                     # and again with --extra "--stats-store groups"
+    # the same under glibc's fixed mmap threshold (recorded as the row's "env"; a row is new if its env is)
+    MALLOC_MMAP_THRESHOLD_=1048576 HYWIA_DATA_DIR=../shared/data python benchmarks/prune_cost.py --methods hywia-adaptive \
+        --ratios 0.2 --results benchmarks/results/owned_weights.jsonl --extra "--stats-store groups"
 
 Run it on an otherwise idle machine: timings are what this reports. "prune s" is scoring + allocation + removal
 (gradient passes included, model loading excluded); "peak RSS" is the whole process's maximum resident memory,
@@ -18,7 +21,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from hywia.bench import Row, run_row
+from hywia.bench import Row, allocator_env, run_row
 
 METHODS = ["random", "l1", "l2", "vector", "element1", "element2", "hywia", "wanda_sp", "flap", "hywia-adaptive"]
 
@@ -35,12 +38,12 @@ if __name__ == "__main__":
     rows = [Row(args.model, m, float(r), extra=tuple(args.extra.split())) for r in args.ratios.split(",") for m in methods]
     if args.methods is None:
         rows += [Row(args.model, m, 0.2, samples=50) for m in ("vector", "element1", "element2", "hywia", "wanda_sp", "flap")]
-    done = {json.dumps(json.loads(line)["row"], sort_keys=True) for line in args.results.read_text().splitlines()} \
+    done = {json.dumps([r["row"], r.get("env", {})], sort_keys=True) for r in map(json.loads, args.results.read_text().splitlines())} \
         if args.results.exists() else set()
     print("| method | ratio | samples | prune s | load s | peak RSS MB |\n|---|---|---|---|---|---|")
     with args.results.open("a") as f:
         for row in rows:
-            if json.dumps({**asdict(row), "extra": list(row.extra)}, sort_keys=True) in done:
+            if json.dumps([{**asdict(row), "extra": list(row.extra)}, allocator_env()], sort_keys=True) in done:
                 continue  # measured already: delete the file to measure everything again
             r = run_row(row, [], args.data_dir)
             f.write(json.dumps(r) + "\n")

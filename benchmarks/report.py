@@ -138,9 +138,9 @@ def stage_table(records: list[dict]) -> str:
     where a prune's memory goes, and which stage sets its peak."""
     lines = ["| model | method | ratio | options | prune s | peak GB | × float32 weights | " + " | ".join(STAGES) + " |",
              "|" + "---|" * (7 + len(STAGES))]
-    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["extra"])):
+    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["extra"], sorted(r.get("env", {}).items()))):
         row, peak = r["row"], r["peak_rss_mb"] * 2**20
-        options = " ".join(row["extra"]) or "-"
+        options = " ".join([*row["extra"], *(f"{k}={v}" for k, v in r.get("env", {}).items())]) or "-"
         stages = " | ".join(f"{r['stages'][s]['peak_rss_mb'] * 2**20 / 1e9:.2f}" if s in r["stages"] else "-" for s in STAGES)
         lines.append(f"| {row['model']} | {row['method']} | {row['ratio']:.0%} | {options} | {r['prune_seconds']:,.0f} | "
                      f"{peak / 1e9:.2f} | {peak / (4 * r['params_before']):.2f} | {stages} |")

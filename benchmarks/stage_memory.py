@@ -3,6 +3,8 @@ what stays resident between stages.
 
     HYWIA_DATA_DIR=../shared/data python benchmarks/stage_memory.py --model smollm2-135m --ratio 0.2
     HYWIA_DATA_DIR=../shared/data python benchmarks/stage_memory.py --model qwen2.5-coder-0.5b --ratio 0.5 --stop-after score
+    # where inside each stage its peak falls: RSS and the prune's innermost frames sampled every 0.1 s
+    HYWIA_DATA_DIR=../shared/data python benchmarks/stage_memory.py --sample 0.1 -- --stats-store groups
 
 Prints one line per event; run it alone on the machine. Figures in docs/RESULTS.md name the commit they ran at.
 """
@@ -12,6 +14,9 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -26,21 +31,73 @@ def rss_mb() -> float:
     return float("nan")
 
 
+class Sampler(threading.Thread):
+    """The resident set and the main thread's hywia frames every `every` seconds; `take()` returns the highest sample
+    since the last call, so a stage's peak can be placed in the code that held it (a sample costs the prune some time)."""
+
+    def __init__(self, every: float):
+        super().__init__(daemon=True)
+        self.every, self.main = every, threading.main_thread().ident
+        self.peak: tuple[float, list[str]] = (0.0, [])
+
+    def run(self) -> None:
+        while True:
+            frame = sys._current_frames().get(self.main)
+            stack = [f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in traceback.extract_stack(frame)
+                     if "hywia" in f.filename] if frame is not None else []
+            rss = rss_mb()
+            if rss > self.peak[0]:
+                self.peak = (rss, stack)
+            time.sleep(self.every)
+
+    def take(self) -> tuple[float, list[str]]:
+        peak, self.peak = self.peak, (0.0, [])
+        return peak
+
+
+def number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def keywords(flags: list[str]) -> dict:
+    """`hywia prune` flags as Recipe fields: "--stats-store groups --checkpointing" -> stats_store="groups", checkpointing=True."""
+    options, i = {}, 0
+    while i < len(flags):
+        name = flags[i].removeprefix("--").replace("-", "_")
+        has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        options[name] = number(flags[i + 1]) if has_value else True
+        i += 2 if has_value else 1
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
     parser.add_argument("--stop-after", default=None, help="end the prune once this stage has exited (e.g. score)")
+    parser.add_argument("--sample", type=float, default=None, help="also sample RSS and the stack every this many seconds")
+    parser.add_argument("options", nargs="*", help="`hywia prune` flags after --, e.g. -- --stats-store groups")
     args = parser.parse_args()
     stage = costs.Costs.stage
+    sampler = Sampler(args.sample) if args.sample else None
 
     @contextlib.contextmanager
     def traced(self, name):
         print(f"{name}: enter {rss_mb():.0f} MB", flush=True)
+        if sampler is not None:
+            sampler.take()
         with stage(self, name):
             yield
         print(f"{name}: exit {rss_mb():.0f} MB (stage peak {self.stages[name]['peak_rss_mb']} MB)", flush=True)
+        if sampler is not None:
+            rss, stack = sampler.take()
+            print(f"  highest sample {rss:.0f} MB in {' > '.join(stack[-4:])}", flush=True)
         if name == args.stop_after:
             raise SystemExit(0)
 
@@ -54,9 +111,12 @@ def main() -> None:
     costs.Costs.stage = traced
     for module in ("hywia.reconstruct", "hywia.importance", "hywia.walk"):
         sys.modules[module].walk_layers = walked
+    recipe = hywia.Recipe(ratio=args.ratio, **keywords(args.options))
     model, tokenizer = hywia.load_model(args.model, "float32", "cpu")
     print(f"loaded: {rss_mb():.0f} MB", flush=True)
-    _, report = hywia.prune(model, tokenizer, ratio=args.ratio, data_dir=args.data_dir)
+    if sampler is not None:
+        sampler.start()
+    _, report = hywia.prune(model, tokenizer, recipe, data_dir=args.data_dir)
     print(f"done: {rss_mb():.0f} MB, prune peak {report.peak_rss_mb:.0f} MB", flush=True)
 
 

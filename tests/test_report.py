@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(repo
     assert first[1:7] == ["hywia-adaptive", "20%", "--stats-store groups", "400", "3.22", "3.00"]
     assert first[7:] == ["0.54", "1.07", "1.61", "2.15", "2.68", "3.22"]
     assert second[3] == "-" and second[7:] == ["0.54", "-", "-", "-", "-", "2.15"]
+
+
+def test_a_row_run_under_an_allocator_setting_records_it_and_the_stage_table_names_it(report, monkeypatch):
+    """glibc's MALLOC_*_ settings change a prune's peak and time without changing its flags: the row records them
+    (only those, and nothing when none is set) and the stage table shows them beside the flags."""
+    from hywia.bench import allocator_env
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    assert allocator_env() == {}
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    monkeypatch.setenv("HYWIA_DATA_DIR", "elsewhere")
+    assert allocator_env() == {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+    record = {**row("m", "hywia-adaptive", 2**28, 500, 2048), "stages": {}, "env": allocator_env()}
+    record["row"] = {**record["row"], "extra": ["--stats-store", "groups"]}
+    line = report.stage_table([record]).splitlines()[2].strip(" |").split(" | ")
+    assert line[3] == "--stats-store groups MALLOC_MMAP_THRESHOLD_=1048576"

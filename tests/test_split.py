@@ -271,3 +271,20 @@ def test_heldout_forwards_hold_no_more_logits_than_the_cap_and_give_the_same_los
     monkeypatch.setattr(split, "LOGITS_BYTES", window - 1)
     heldout_loss(model, calib_ids, 4)
     assert batches == [1] * 6  # one window at the least
+
+
+def test_the_loss_passes_build_no_kv_cache(calib_ids):
+    """The screens', the judge's and the evaluation's forward passes generate nothing, so they ask for no KV cache
+    (a cache per forward is every layer's keys and values of the batch, held until the logits are made)."""
+    from hywia.evaluate import window_nll
+    model = tiny_model("llama").eval()
+    assert model.config.use_cache  # what a forward would do unasked
+    caches = []
+    model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    window_losses(model, calib_ids, 4)
+    heldout_loss(model, calib_ids, 4)
+    window_nll(model, calib_ids, 4)
+    assert len(caches) == 6 and all(cache is None for cache in caches)
+    with torch.no_grad():
+        model(input_ids=calib_ids)
+    assert caches[-1] is not None  # the hook sees a cache where one is built

@@ -63,6 +63,12 @@ def machine(device: str = "cpu") -> str:
     return f"{torch.cuda.get_device_name(device)}, {cpu}"
 
 
+def allocator_env() -> dict[str, str]:
+    """The C allocator's settings from the environment (glibc reads MALLOC_*_ and GLIBC_TUNABLES at start), which
+    every `hywia` process a row runs inherits: they change a prune's peak memory and time, so a row records them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+
+
 def _prune(row: Row, data_dir: str, out: str) -> dict:
     return _hywia("prune", "--model", row.model, "--method", row.method, "--ratio", str(row.ratio),
                   "--samples", str(row.samples), "--seq-len", str(row.seq_len), "--seed", str(row.seed),
@@ -87,6 +93,8 @@ def weights_digest(folder: Path) -> str:
 def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, max_windows: int | None = 100) -> dict:
     """Prune (unless ratio is 0) and, if `data` names datasets, evaluate one row; returns its measurements."""
     result: dict = {"row": asdict(row), "machine": machine()}
+    if allocator_env():
+        result["env"] = allocator_env()
     with tempfile.TemporaryDirectory() as tmp:
         model = row.model
         if row.ratio > 0:

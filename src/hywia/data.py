@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .costs import trim_heap
 from .errors import HywiaError
 
 
@@ -195,9 +196,11 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
         limit = tokenizer.model_max_length
         tokenizer.model_max_length = int(1e12)
         try:
-            return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         finally:
             tokenizer.model_max_length = limit
+    trim_heap()  # the tokenizer's scratch for a whole text is freed but stays resident (0.28 GB for WikiText-2 validation)
+    return ids
 
 
 def _with_bos(chunks: torch.Tensor, bos: int | None) -> torch.Tensor:

@@ -87,7 +87,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tenso
     sums = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", leave=False):
         batch = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
         sums.append(nll.sum(1).double().cpu())
     return torch.cat(sums)

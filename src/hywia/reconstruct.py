@@ -30,6 +30,7 @@ import math
 import torch
 from torch import nn
 
+from .costs import trim_heap
 from .errors import HywiaError
 from .grouping import LayerGroups
 from .importance import Moments, spiller
@@ -226,6 +227,7 @@ def refitted(sets: list[LayerGroups], removed: list[torch.Tensor], moments: dict
             if shift is not None:
                 handles.append(module.register_forward_hook(
                     lambda mod, args, out, shift=shift.to(weight.dtype): out + shift.to(out.device, out.dtype)))
+            trim_heap()  # the solve's float64 temporaries, freed, would otherwise stay resident through the forward pass
         yield
     finally:
         for handle in handles:

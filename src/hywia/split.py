@@ -108,7 +108,7 @@ def window_losses(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch
     losses = []
     for batch in ids.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits
+        logits = model(input_ids=batch, use_cache=False).logits  # no KV cache: nothing is generated
         losses += [F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="none").mean().cpu() for i in range(len(batch))]
         del logits
         trim_heap()  # a window's log-probabilities (25 MB at 49,152 tokens) fall under glibc's mmap threshold: freed, they stay resident
