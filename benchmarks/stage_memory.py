@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import hywia  # noqa: E402
 from hywia import costs, walk  # noqa: E402
+from hywia.cli import _parser  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -53,26 +54,6 @@ class Sampler(threading.Thread):
     def take(self) -> tuple[float, list[str]]:
         peak, self.peak = self.peak, (0.0, [])
         return peak
-
-
-def number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def keywords(flags: list[str]) -> dict:
-    """`hywia prune` flags as Recipe fields: "--stats-store groups --checkpointing" -> stats_store="groups", checkpointing=True."""
-    options, i = {}, 0
-    while i < len(flags):
-        name = flags[i].removeprefix("--").replace("-", "_")
-        has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
-        options[name] = number(flags[i + 1]) if has_value else True
-        i += 2 if has_value else 1
-    return options
 
 
 def main() -> None:
@@ -111,7 +92,8 @@ def main() -> None:
     costs.Costs.stage = traced
     for module in ("hywia.reconstruct", "hywia.importance", "hywia.walk"):
         sys.modules[module].walk_layers = walked
-    recipe = hywia.Recipe(ratio=args.ratio, **keywords(args.options))
+    # the flags read as `hywia prune` reads them (--out is required there, unused here)
+    recipe = hywia.Recipe.from_args(_parser().parse_args(["prune", "--ratio", str(args.ratio), "--out", "-", *args.options]))
     model, tokenizer = hywia.load_model(args.model, "float32", "cpu")
     print(f"loaded: {rss_mb():.0f} MB", flush=True)
     if sampler is not None:

@@ -93,8 +93,9 @@ def weights_digest(folder: Path) -> str:
 def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, max_windows: int | None = 100) -> dict:
     """Prune (unless ratio is 0) and, if `data` names datasets, evaluate one row; returns its measurements."""
     result: dict = {"row": asdict(row), "machine": machine()}
-    if allocator_env():
-        result["env"] = allocator_env()
+    env = allocator_env()
+    if env:
+        result["env"] = env
     with tempfile.TemporaryDirectory() as tmp:
         model = row.model
         if row.ratio > 0:
