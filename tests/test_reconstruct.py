@@ -12,7 +12,8 @@ import torch
 from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 from hywia import HywiaError, find_groups, prune
 from hywia.methods.slimgpt import incremental_ratios
-from hywia.reconstruct import dampened, group_errors, obs_remove, obs_select, output_error, refit
+from hywia.importance import Moments
+from hywia.reconstruct import _refit_reader, dampened, group_errors, kept_columns, obs_remove, obs_select, output_error, refit
 from test_io import assert_reloads_and_generates
 
 
@@ -134,6 +135,28 @@ def test_reconstruction_lowers_every_readers_calibration_error(calib_ids):
         errors = [e for layer in report.extra["reconstruction_error"].values() for e in layer.values()]
         assert errors and all(e["refit"] < e["removed"] for e in errors), errors
         assert report.extra["reconstruct"] is True
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_a_refit_readers_reported_errors_are_its_output_errors_on_the_inputs(intercept):
+    """`_refit_reader` reads both errors off the moments (removal alone from the removed columns' block of H); they
+    equal the squared output errors computed on the inputs themselves, relative to the dense output's."""
+    model = tiny_model("llama").double()
+    s = next(s for s in find_groups(model) if s.kind == "mlp")
+    weight = s.reader.module.weight.data
+    x = torch.randn(300, weight.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    m = Moments(count=len(x), total=x.sum(0), cross=x.T @ x)
+    removed = torch.tensor([1, 5, 6, 30])
+    original, keep = weight.clone(), kept_columns(s, removed, weight.shape[1])
+    dense = x @ original.T
+    errors, shift = _refit_reader(s, removed, m, intercept, damp=0.01)
+    removal_alone = x[:, keep] @ original[:, keep].T
+    refit_out = x[:, keep] @ weight[:, keep].T + (0 if shift is None else shift)  # weight: refit in place
+    scale = dense.square().sum()
+    assert errors["removed"] == pytest.approx(((dense - removal_alone).square().sum() / scale).item(), rel=1e-9)
+    assert errors["refit"] == pytest.approx(((dense - refit_out).square().sum() / scale).item(), rel=1e-9)
+    assert errors["refit"] < errors["removed"]
+    assert (shift is not None) == intercept
 
 
 def test_obs_selection_keeps_the_criterions_counts_and_chooses_what_refits_best(calib_ids):

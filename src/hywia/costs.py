@@ -20,6 +20,7 @@ memory goes").
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import mmap
 import resource
@@ -62,14 +63,23 @@ def release_memory() -> None:
     trim_heap()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once: each `ctypes.CDLL` is a class with reference cycles, garbage that only a full
+    collection frees, and a full collection of a loaded model's process takes a quarter of a second."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """glibc's malloc_trim alone (no garbage collection: cheap enough to call once per layer or group set): freed
     temporaries below glibc's mmap threshold (up to 32 MB, one MLP weight of a 0.5B model) otherwise stay resident,
     fragmented, and a loop over layers grows the resident set by gigabytes it no longer uses."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim, or no way to ask
-        pass
+    trim = getattr(_libc(), "malloc_trim", None)  # not glibc: nothing to trim, or no way to ask
+    if trim is not None:
+        trim(0)
 
 
 class Costs:
@@ -133,8 +143,9 @@ def _drop_pages(tensor: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     first = -(-tensor.data_ptr() // page) * page
     last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-    if last > first:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    libc = _libc()
+    if last > first and libc is not None:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def owned_copy(tensor: torch.Tensor, chunk_bytes: int = 16 * 2**20) -> torch.Tensor:

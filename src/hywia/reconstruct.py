@@ -245,10 +245,11 @@ def _refit_reader(s: LayerGroups, removed: torch.Tensor, m: Moments, intercept: 
     h = m.cross.to(weight.device)
     keep = kept_columns(s, removed, weight.shape[1])
     new, shift = refit(weight, h, keep, m.total.to(weight.device) if intercept else None, m.count, damp)
-    dropped, placed = torch.zeros_like(weight, dtype=torch.float64), torch.zeros_like(weight, dtype=torch.float64)
-    dropped[:, keep], placed[:, keep] = weight.double()[:, keep], new
-    scale = max(output_error(weight, h, torch.zeros_like(dropped)), 1e-30)
-    errors = {"removed": output_error(weight, h, dropped) / scale,
+    placed = torch.zeros_like(weight, dtype=torch.float64)
+    placed[:, keep] = new
+    gone = s.reader.indices(removed).to(weight.device)  # removal alone errs by W_R H_RR W_R^T: |R|^2, not in^2
+    scale = max(output_error(weight, h, torch.zeros_like(weight)), 1e-30)
+    errors = {"removed": output_error(weight[:, gone], h[gone][:, gone], torch.zeros_like(weight[:, gone])) / scale,
               "refit": output_error(weight, h, placed, shift, m.total, m.count) / scale}
     weight[:, keep] = new.to(weight.dtype)
     return errors, shift

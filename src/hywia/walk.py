@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .costs import release_memory, trim_heap
+from .costs import trim_heap
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -149,7 +149,7 @@ def walk_layers(model: nn.Module, ids: torch.Tensor, names: set[str], observe: C
             kwargs[index] = []
         if finished is not None:
             finished(index, layer)
-        release_memory()  # a layer's transient matrices (its H, the refit's solves) must not pile up in the heap
+        trim_heap()  # a layer's transient matrices (its H, the refit's solves) must not pile up in the heap
     if passengers is not None:
         passengers.hidden = riders
 
