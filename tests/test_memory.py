@@ -4,6 +4,7 @@ each give the scores of the one-pass run; accelerate's device maps load and prun
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from hywia import HywiaError, load_model, prune, save_model
 from hywia.importance import Memory, Stats, collect_inputs, get_criterion, taylor_sums
 from hywia.grouping import find_groups
 from hywia.calibrate import calibration_stats
-from hywia.costs import file_backed_ranges, mapped, own_weights
+from hywia.costs import file_backed_ranges, mapped, own_weights, trim_heap
 from test_cli import run
 
 
@@ -359,8 +360,6 @@ def test_a_reconstruction_walk_leaves_no_memory_to_the_garbage_collector(calib_i
     """The walk hands freed memory back with a heap trim per layer and no full garbage collection (which costs a
     quarter of a second a layer in a process holding a model and its tokenizer): that holds only if neither the
     trim nor the walk leaves reference cycles, and none that hold tensors."""
-    import gc
-    from hywia.costs import trim_heap
     model = tiny_model("llama")
     gc.collect()
     gc.disable()
