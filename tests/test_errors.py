@@ -499,13 +499,13 @@ def test_sigterm_while_saving_leaves_nothing(world, tmp_path, monkeypatch):
 
 def test_signals_during_the_swap_wait_for_it(tmp_path):
     """The rename pair that replaces an existing output is never cut in half: a signal in it acts after it."""
-    from hywia.io import atomic_dir
+    from hywia.outputs import atomic_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
     previous = signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        import hywia.io as hio
+        import hywia.outputs as hio
         original = hio.shutil.rmtree
 
         def rmtree_with_signal(path, *a, **k):
@@ -560,7 +560,7 @@ def test_stale_temporary_folders_are_named_and_removed(tmp_path, tokenizer, recw
 def test_a_second_writer_of_the_same_output_is_refused(world, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HYWIA_CACHE_DIR": str(tmp_path / "cache")}
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hywia.io import claim_output\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hywia.outputs import claim_output\n"
                                f"with claim_output({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
                               env=env, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_model
 from hywia import HywiaError, load_model, prune, save_model
-from hywia.io import atomic_dir
+from hywia.outputs import atomic_dir
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(11))
 

@@ -23,7 +23,8 @@ from .errors import HywiaError
 from .evaluate import BOS_CHOICES, PROTOCOLS
 from .grouping import layer_slice, parse_layers
 from .importance import CRITERIA
-from .io import ACCELERATE_MAPS, DTYPES, check_model_ref, check_output, check_writable
+from .io import ACCELERATE_MAPS, DTYPES, check_model_ref
+from .outputs import check_output, check_writable
 from .options import RANGES, check_values, flag
 from .recipe import JUDGE_CALIB_FIX, STRUCTURED_DEFAULTS, UNSTRUCTURED_DEFAULTS, Recipe
 from .sparsify import SPARSIFIERS

@@ -544,7 +544,7 @@ def _signals_interrupt():
 
 def _log_traceback() -> Path | None:
     """Write the current exception's traceback to a log file and return its path (None if nowhere is writable)."""
-    from .io import cache_dir
+    from .scratch import cache_dir
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     for folder in (cache_dir() / "logs", Path(os.environ.get("TMPDIR", "/tmp"))):
         try:
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
         try:
             args = parse(argv)
-            from .io import claim_output
+            from .outputs import claim_output
             with claim_output(args.out) if getattr(args, "out", None) and _is_main_process() else contextlib.nullcontext():
                 result = {"prune": _prune, "finetune": _finetune, "eval": _eval, "bench": _bench, "export": _export}[args.command](args)
             text = _json(result) if args.json else None

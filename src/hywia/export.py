@@ -42,7 +42,8 @@ from torch import nn
 
 from .errors import HywiaError
 from .finite import check_weights
-from .io import PACKAGED, check_output, clear_stale, joined_parts, parts_glob
+from .io import PACKAGED, joined_parts, parts_glob
+from .outputs import check_output, clear_stale
 from .modes import as_user_file
 from .removal import layer_widths
 

@@ -1,4 +1,5 @@
-"""Scratch folders for what a prune spills to disk (second moments, the layers built aside).
+"""hywia's own folders: its cache, and scratch folders for what a prune spills to disk (second moments, the layers
+built aside).
 
 A prune cleans up its folders when it ends, even on an error or Ctrl-C; a killed process (SIGKILL, out of memory)
 cannot, and at 0.5B one such folder holds 9 GB. So each folder's name carries its process id and holds a MARK file,
@@ -15,6 +16,12 @@ from pathlib import Path
 
 from .errors import HywiaError
 
+
+def cache_dir() -> Path:
+    """hywia's cache: joined GGUF parts, converted packaged models, output locks, logs (HYWIA_CACHE_DIR)."""
+    return Path(os.environ.get("HYWIA_CACHE_DIR", Path.home() / ".cache" / "hywia")).expanduser()
+
+
 MARK = ".hywia-scratch"  # written into every scratch folder: what makes a folder hywia's to remove
 
 
@@ -23,14 +30,15 @@ def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
     root = Path(tempfile.gettempdir())
     for folder in root.glob("hywia-*-*-*"):
         match = re.fullmatch(r"hywia-[a-z]+-(\d+)-\w+", folder.name)
-        if match and (folder / MARK).is_file() and not _running(int(match[1])):
+        if match and (folder / MARK).is_file() and not process_running(int(match[1])):
             shutil.rmtree(folder, ignore_errors=True)
     made = tempfile.TemporaryDirectory(prefix=f"hywia-{kind}-{os.getpid()}-")
     (Path(made.name) / MARK).touch()
     return made
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` still runs (another user's process counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
