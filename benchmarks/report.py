@@ -90,19 +90,20 @@ def cost_by_size_table(records: list[dict]) -> str:
     machine: the caller groups them), the peak as a
     multiple of the float32 weights (bytes over bytes; GB = 10^9 bytes) and the time as a multiple of SlimGPT's on the same model; under it, per method
     and ratio, the power law seconds = c * params^k fitted on the sizes measured and what it gives at 7B and 70B
-    (the same machine: an extrapolation of the fit, not a measurement), for three sizes or more."""
+    (the same machine: an extrapolation of the fit, not a measurement), for three sizes or more. A row run with more
+    flags is its own method (its flags beside the name), timed against SlimGPT's plain row."""
     import math
     lines = ["| model | params | method | ratio | prune s | × SlimGPT | peak RSS GB | × float32 weights |", "|---|---|---|---|---|---|---|---|"]
-    slim = {(r["row"]["model"], r["row"]["ratio"]): r["prune_seconds"] for r in records if r["row"]["method"] == "slimgpt"}
-    for r in sorted(records, key=lambda r: (r["params_before"], r["row"]["method"], r["row"]["ratio"])):
+    method = lambda r: " ".join([r["row"]["method"], *r["row"].get("extra", [])])  # noqa: E731
+    slim = {(r["row"]["model"], r["row"]["ratio"]): r["prune_seconds"] for r in records if method(r) == "slimgpt"}
+    for r in sorted(records, key=lambda r: (r["params_before"], method(r), r["row"]["ratio"])):
         row, peak = r["row"], r["peak_rss_mb"] * 2**20  # hywia.json's peak_rss_mb is MiB (Linux's kB / 1024): bytes here
         versus = f"{r['prune_seconds'] / slim[(row['model'], row['ratio'])]:.2f}" if (row["model"], row["ratio"]) in slim else "-"
-        lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {row['method']} | {row['ratio']:.0%} | "
+        lines.append(f"| {row['model']} | {r['params_before'] / 1e6:,.0f} M | {method(r)} | {row['ratio']:.0%} | "
                      f"{r['prune_seconds']:,.0f} | {versus} | {peak / 1e9:.1f} | {peak / (4 * r['params_before']):.2f} |")
     fits = []
-    for (method, ratio) in sorted({(r["row"]["method"], r["row"]["ratio"]) for r in records}):
-        points = sorted((r["params_before"], r["prune_seconds"]) for r in records
-                        if (r["row"]["method"], r["row"]["ratio"]) == (method, ratio))
+    for (name, ratio) in sorted({(method(r), r["row"]["ratio"]) for r in records}):
+        points = sorted((r["params_before"], r["prune_seconds"]) for r in records if (method(r), r["row"]["ratio"]) == (name, ratio))
         if len({p for p, _ in points}) < 3:  # two sizes give a slope, not a fit anyone should extrapolate
             continue
         x = [math.log(p) for p, _ in points]
@@ -110,7 +111,7 @@ def cost_by_size_table(records: list[dict]) -> str:
         mx, my = sum(x) / len(x), sum(y) / len(y)
         k = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
         at = lambda params: math.exp(my + k * (math.log(params) - mx)) / 3600  # noqa: E731
-        fits.append(f"| {method} | {ratio:.0%} | {len(points)} | k = {k:.2f} | {at(7e9):,.1f} h | {at(7e10):,.0f} h |")
+        fits.append(f"| {name} | {ratio:.0%} | {len(points)} | k = {k:.2f} | {at(7e9):,.1f} h | {at(7e10):,.0f} h |")
     if fits:
         lines += ["", "| method | ratio | sizes | seconds ∝ params^k | estimate at 7B | at 70B |", "|---|---|---|---|---|---|", *fits]
     return "\n".join(lines)

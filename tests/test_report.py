@@ -42,6 +42,21 @@ def test_cost_table_divides_bytes_by_bytes_and_fits_growth_in_parameters(report)
     assert not any(line.startswith("| slimgpt | 20% |") for line in lines)  # two sizes: a slope, no fit
 
 
+
+def test_a_cost_row_with_more_flags_is_its_own_method_against_plain_slimgpt(report):
+    """`--extra` flags (a faster split, a lighter store) name the row's method, keep it out of the plain method's size
+    fit, and its multiple is of SlimGPT's plain row on the same model."""
+    records = [row(m, "hywia-adaptive", p, 4 * s, 1000) for m, p, s in (("a", 10**8, 100), ("b", 4 * 10**8, 400), ("c", 16 * 10**8, 1600))]
+    records += [row(m, "slimgpt", p, s, 1000) for m, p, s in (("a", 10**8, 100), ("b", 4 * 10**8, 400))]
+    fast = row("a", "hywia-adaptive", 10**8, 150, 1000)
+    fast["row"]["extra"] = ["--kind-split", "evidence"]
+    lines = report.cost_by_size_table(records + [fast]).splitlines()
+    assert any(line.startswith("| a | 100 M | hywia-adaptive --kind-split evidence | 20% | 150 | 1.50 |") for line in lines)
+    assert any(line.startswith("| a | 100 M | hywia-adaptive | 20% | 400 | 4.00 |") for line in lines)
+    fit = next(line for line in lines if line.startswith("| hywia-adaptive | 20% |"))
+    assert "| 3 | k = 1.00 |" in fit  # the fast row is not a fourth point of the default's fit
+    assert not any(line.startswith("| hywia-adaptive --kind-split evidence | 20% | ") and "k =" in line for line in lines)
+
 def test_cost_tables_compare_seconds_within_one_machine(report):
     """SlimGPT's multiple is taken against SlimGPT on the same machine: rows of two machines make two tables."""
     records = [{**row("m", "slimgpt", 10**8, 100, 1000), "machine": "Intel Xeon"},
