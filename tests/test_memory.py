@@ -74,7 +74,7 @@ def test_per_group_totals_give_the_per_weight_stores_scores(family, method, opti
         for order in (1, 2) if criterion.needs_fisher else (1,):
             for s in sets:
                 torch.testing.assert_close(taylor_sums(s, groups, order), taylor_sums(s, weights, order), rtol=1e-5, atol=1e-9)
-    _, plain = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, **options)
+    _, plain = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, stats_store="weights", **options)
     _, lean = prune(copy.deepcopy(dense), method=method, ratio=0.3, calib=calib_ids, memory=Memory(store="groups"), **options)
     assert lean.kept == plain.kept and lean.extra["memory"]["store"] == "groups"
     assert lean.extra["stats_mb"] < plain.extra["stats_mb"] / 4
@@ -88,6 +88,59 @@ def test_per_group_totals_give_the_per_weight_stores_scores(family, method, opti
 def test_per_group_totals_are_refused_where_they_cannot_serve(method, memory, message):
     with pytest.raises(HywiaError, match=message):
         prune(tiny_model(), method=method, ratio=0.2, memory=memory)
+
+
+@pytest.mark.parametrize("method, options, store", [
+    ("hywia-adaptive", {"reconstruct_samples": 4}, "groups"),  # the default sums per group: no per-weight store
+    ("hywia-adaptive", {"reconstruct_samples": 4, "stats_dtype": "bfloat16"}, "weights"),  # a dtype for the per-weight store
+    ("hywia-adaptive", {"reconstruct_samples": 4, "stats_store": "weights"}, "weights"),
+    ("element2", {}, "weights"), ("hywia", {}, "weights"), ("slimgpt", {"reconstruct_samples": 4}, "weights")])
+def test_the_default_method_keeps_per_group_totals_and_the_others_the_per_weight_store(method, options, store, calib_ids,
+                                                                                     monkeypatch):
+    module, seen = sys.modules["hywia.calibrate"], []
+    real = module.collect_stats
+
+    def spy(*args, memory, **kwargs):
+        seen.append(memory.store)
+        return real(*args, memory=memory, **kwargs)
+
+    monkeypatch.setattr(module, "collect_stats", spy)
+    _, report = prune(tiny_model(), method=method, ratio=0.3, calib=calib_ids, **options)
+    assert report.recipe.stats_store == store and report.extra["memory"]["store"] == store
+    assert seen == ([] if method == "slimgpt" else [store])  # what the gradient passes were given
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_gradient_passes_give_large_blocks_mappings_of_their_own_unless_the_user_set_the_allocator(monkeypatch, calib_ids):
+    from hywia import costs
+    libc = FakeLibc()
+    monkeypatch.setattr(costs, "_libc", lambda: libc)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with pytest.raises(RuntimeError), costs.own_mappings():
+        assert libc.calls == [(costs.M_MMAP_THRESHOLD, 2**20)]
+        raise RuntimeError  # the threshold goes back even when the block fails
+    assert libc.calls[-1] == (costs.M_MMAP_THRESHOLD, costs.GLIBC_MMAP_MAX)
+    libc.calls.clear()
+    grads(tiny_model(), calib_ids, Memory())
+    assert libc.calls == [(costs.M_MMAP_THRESHOLD, 2**20), (costs.M_MMAP_THRESHOLD, costs.GLIBC_MMAP_MAX)]
+    libc.calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    with costs.own_mappings():
+        pass
+    assert libc.calls == []
+    monkeypatch.setattr(costs, "_libc", lambda: None)  # no glibc: nothing to set
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    with costs.own_mappings():
+        pass
 
 
 def test_bfloat16_store_halves_the_buffers_and_reads_back_float32(calib_ids):

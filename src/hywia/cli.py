@@ -135,8 +135,9 @@ def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
                    "per sweep (N sweeps' time, 1/N of the gradient buffers; default all at once)")
     p.add_argument("--stats-dtype", default=None, help="keep accumulated gradient statistics in float32 (default) or bfloat16 (half the memory)")
     p.add_argument("--stats-store", default=None, help="gradient criteria made of per-group sums (vector, element2, hywia, hywia-adaptive): "
-                   "weights (default: per-weight statistics, two float32 copies of the prunable weights) or groups (per-group totals "
-                   "summed as backward gives each gradient: no per-weight store; the same scores to float rounding)")
+                   "groups (per-group totals summed as backward gives each gradient: no per-weight store; the same scores to float "
+                   "rounding; hywia-adaptive's default) or weights (per-weight statistics, two float32 copies of the prunable "
+                   "weights; the others' default, and what --stats-dtype sets)")
     p.add_argument("--stats-device", default=None, help="keep accumulated gradient statistics on this device, e.g. cpu (off the GPU)")
     p.add_argument("--checkpointing", action="store_true", help="gradient criteria: recompute layer activations in backward (less memory)")
     p.add_argument("--sequential", action="store_true", help="forward-only statistics (wanda_sp, flap, compensation) one decoder "

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .costs import own_mappings
 from .errors import HywiaError
 from .grouping import LayerGroups, Slot
 from .scratch import scratch_dir
@@ -108,7 +109,8 @@ class Memory:
 
     layers_per_pass: int | None = None  # gradient criteria: one backward sweep per this many decoder layers' weights
     store_dtype: str = "float32"  # finished per-weight accumulators kept in this dtype ("bfloat16" halves them)
-    store: str = "weights"  # "groups": per-sample statistics summed into per-group totals as backward gives them (GroupSums)
+    store: str | None = None  # "groups": per-sample statistics summed into per-group totals as backward gives them
+    # (GroupSums); "weights": the per-weight store; None: the method's own (Criterion.store)
     store_device: str | None = None  # ... and on this device ("cpu": off the accelerator)
     checkpointing: bool = False  # gradient criteria: recompute each decoder layer's activations during backward
     sequential: bool = False  # forward-only statistics walked one decoder layer at a time (`hywia.walk`)
@@ -119,7 +121,7 @@ class Memory:
             raise HywiaError(f"--layers-per-pass {self.layers_per_pass} must be at least 1")
         if self.store_dtype not in ("float32", "bfloat16", "float16"):
             raise HywiaError(f"unknown --stats-dtype '{self.store_dtype}': use float32, bfloat16 or float16")
-        if self.store not in STORES:
+        if self.store is not None and self.store not in STORES:
             raise HywiaError(f"unknown --stats-store '{self.store}': use weights (per-weight statistics) or groups (per-group totals)")
         if self.store == "groups" and self.store_dtype != "float32":
             raise HywiaError("--stats-dtype sets the per-weight store's precision, and --stats-store groups keeps no per-weight "
@@ -190,6 +192,7 @@ class Criterion:
     reconstructs: bool | str = False  # the default --reconstruct: True (refit) or "obs" (OBS chooses too)
     select: Callable[[LayerGroups, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     group_sums: bool = False  # its scores read the gradients only through `taylor_sums`: `--stats-store groups` applies
+    store: str = "weights"  # the default --stats-store ("groups" needs group_sums)
 
     @property
     def needs_data(self) -> bool:
@@ -293,7 +296,7 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     hooks = [] if per_sample is not None else [params[name].register_post_accumulate_grad_hook(lambda p, name=name: add(name))
                                                for name in param_names]
     try:
-        with checkpointed(model, memory.checkpointing):
+        with checkpointed(model, memory.checkpointing), own_mappings():
             for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
                 batch = samples[start:start + step].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (len(batch) / n)

@@ -28,7 +28,7 @@ STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to",
                    "judge_calib", "layers_per_pass", "stats_dtype", "stats_device", "stats_store")
 UNSTRUCTURED_ONLY = ("sparsity", "pattern", "granularity", "sensitivity_samples", "wbits")
 STRUCTURED_DEFAULTS = {"calib": "wikitext2", "samples": 10, "seq_len": 128, "batch_size": 4, "target": "both", "round_to": 1,
-                       "min_keep": 1, "stats_dtype": "float32", "stats_store": "weights", "reconstruct_samples": 128, "judge_samples": 100}
+                       "min_keep": 1, "stats_dtype": "float32", "reconstruct_samples": 128, "judge_samples": 100}
 UNSTRUCTURED_DEFAULTS = {"calib": "c4", "samples": 128, "seq_len": 2048, "batch_size": 1}
 METHOD_OPTIONS = {"structured": ("fusion", "alpha", "fusion_dim", "normalize", "spread"),
                   "unstructured": ("spread", "granularity", "sensitivity_samples", "wbits")}
@@ -165,7 +165,8 @@ class Recipe:
             reconstruct = criterion.reconstructs if self.reconstruct is None else self.reconstruct
             own = {"scope": criterion.scope, "compensate": criterion.compensates, "reconstruct": reconstruct,
                    "kind_split": own_split(criterion, self.reconstruct),
-                   "attention_unit": criterion.attention_unit if grouped_query else "kv"}
+                   "attention_unit": criterion.attention_unit if grouped_query else "kv",
+                   "stats_store": criterion.store if self.stats_dtype in (None, "float32") else "weights"}
             filled.update({k: v for k, v in own.items() if getattr(self, k) is None})
             if not filled.get("reconstruct", reconstruct):  # counts that would change nothing stay unset, as check() wants
                 filled.pop("reconstruct_samples", None)

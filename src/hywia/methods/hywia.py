@@ -133,8 +133,9 @@ def _adaptive(options: dict) -> dict:
 # hywia's best measured configuration (docs/RESULTS.md, "HyWIA's own method" and "Updating the kept weights"): evidence
 # fusion over query heads with bias compensation, one ranking per kind across layers (per-layer ratios), OBS selection
 # with the refit, and the attention/MLP split by evidence-best (`--reconstruct no` turns the refit off and the split
-# falls back to the masked evidence). `--method hywia` stays the paper's.
+# falls back to the masked evidence); its gradient statistics are summed per group as backward gives them
+# (`--stats-store groups`: the same scores to float rounding, no per-weight store). `--method hywia` stays the paper's.
 register("hywia-adaptive", Criterion(lambda sets, stats, options: fuse(sets, stats, _adaptive(options)), needs_grad=True,
                                      needs_fisher=True, options=("normalize",), check=lambda options: fusion_options(_adaptive(options)),
                                      heldout=lambda options: True, scope="global", compensates=True, attention_unit="query",
-                                     kind_split="evidence-best", reconstructs="obs", group_sums=True))
+                                     kind_split="evidence-best", reconstructs="obs", group_sums=True, store="groups"))
