@@ -110,40 +110,6 @@ def test_the_default_method_keeps_per_group_totals_and_the_others_the_per_weight
     assert seen == ([] if method == "slimgpt" else [store])  # what the gradient passes were given
 
 
-class FakeLibc:
-    def __init__(self):
-        self.calls = []
-
-    def mallopt(self, parameter, value):
-        self.calls.append((parameter, value))
-        return 1
-
-
-def test_gradient_passes_give_large_blocks_mappings_of_their_own_unless_the_user_set_the_allocator(monkeypatch, calib_ids):
-    from hywia import costs
-    libc = FakeLibc()
-    monkeypatch.setattr(costs, "_libc", lambda: libc)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with pytest.raises(RuntimeError), costs.own_mappings():
-        assert libc.calls == [(costs.M_MMAP_THRESHOLD, 2**20)]
-        raise RuntimeError  # the threshold goes back even when the block fails
-    after = [(costs.M_MMAP_THRESHOLD, costs.GLIBC_MMAP_MAX), (costs.M_TRIM_THRESHOLD, 2 * costs.GLIBC_MMAP_MAX)]
-    assert libc.calls[1:] == after  # where glibc's own adjustment ends up
-    libc.calls.clear()
-    grads(tiny_model(), calib_ids, Memory())
-    assert libc.calls == [(costs.M_MMAP_THRESHOLD, 2**20), *after]
-    libc.calls.clear()
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    with costs.own_mappings():
-        pass
-    assert libc.calls == []
-    monkeypatch.setattr(costs, "_libc", lambda: None)  # no glibc: nothing to set
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    with costs.own_mappings():
-        pass
-
-
 def test_bfloat16_store_halves_the_buffers_and_reads_back_float32(calib_ids):
     model = tiny_model()
     full, half = grads(model, calib_ids, Memory()), grads(model, calib_ids, Memory(store_dtype="bfloat16"))

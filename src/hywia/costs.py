@@ -23,7 +23,6 @@ import ctypes
 import functools
 import gc
 import mmap
-import os
 import resource
 import sys
 import time
@@ -81,33 +80,6 @@ def trim_heap() -> None:
     trim = getattr(_libc(), "malloc_trim", None)  # not glibc: nothing to trim, or no way to ask
     if trim is not None:
         trim(0)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters: free heap top kept; blocks given mappings
-GLIBC_MMAP_MAX = 32 * 2**20  # the highest mmap threshold glibc's own adjustment reaches on 64-bit systems
-
-
-@contextmanager
-def own_mappings(threshold: int = 2**20) -> Iterator[None]:
-    """Within it, glibc gives every block above `threshold` a mapping of its own, returned to the OS when freed.
-    The gradient passes allocate and free each weight's gradient and its products with the weight (1-4 MiB each at
-    135M) once a sample; taken from glibc's heap (whose threshold has risen to 32 MiB after the first large free)
-    they leave it fragmented, and at 135M the calibrate stage peaked 0.75 GB above the process before it, 0.41 GB
-    with this (docs/RESULTS.md, "Where a prune's memory goes"). On exit the threshold is 32 MiB and the heap keeps up
-    to twice that free at its top, where glibc's own adjustment ends up (a set threshold stops that adjustment; left
-    at a lower trim threshold, the heap would shrink and regrow, page faults and all, around every block the walks
-    free: the 0.5B prune's walks took a third longer). Left alone where the environment sets the allocator (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES:
-    the user's choice) or the C library has no mallopt (not glibc)."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or "GLIBC_TUNABLES" in os.environ:
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_MAX)
-        mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_MAX)
 
 
 class Costs:

@@ -32,7 +32,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .costs import own_mappings
 from .errors import HywiaError
 from .grouping import LayerGroups, Slot
 from .scratch import scratch_dir
@@ -296,7 +295,7 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     hooks = [] if per_sample is not None else [params[name].register_post_accumulate_grad_hook(lambda p, name=name: add(name))
                                                for name in param_names]
     try:
-        with checkpointed(model, memory.checkpointing), own_mappings():
+        with checkpointed(model, memory.checkpointing):
             for start in tqdm(range(0, n, step), desc="gradients", unit="batch" if step > 1 else "sample", leave=False):
                 batch = samples[start:start + step].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (len(batch) / n)
