@@ -1,5 +1,6 @@
-"""Time of one greedy OBS selection (`hywia.reconstruct.obs_order`) on a random MLP reader of a given width: the step
-that dominates SlimGPT's and the default's prune time above 0.5B parameters.
+"""Time of one greedy OBS selection (`hywia.reconstruct.obs_order`, with the dampened inverse it reads) on a random MLP
+reader of a given width, the step that dominates SlimGPT's and the default's prune time above 0.5B parameters, and of
+the refit of the kept columns two ways: solved on H_KK (`refit`) and from the selection's inverse (`obs_refit`).
 
     python benchmarks/obs_cost.py --width 4864 --out 896 --count 2400      # Qwen2.5-0.5B's down projection at 50%
     PYTHONPATH=OTHER/src python benchmarks/obs_cost.py ...                  # the same for another checkout's code
@@ -13,7 +14,7 @@ import types
 import torch
 
 from hywia.grouping import Part
-from hywia.reconstruct import obs_order
+from hywia.reconstruct import damped_inverse, kept_columns, obs_order, obs_refit, refit
 
 
 def main() -> None:
@@ -31,13 +32,22 @@ def main() -> None:
     hessian, weight = (x.T @ x).double(), torch.randn(args.out, args.width)
     reader = Part("reader", torch.nn.Linear(args.width, args.out, bias=False), 1, 1)
     groups = types.SimpleNamespace(reader=reader, count=args.width, blocks=1, kind="mlp", layer=0)
-    seconds = []
+    total = x.sum(0).double()
+    seconds: dict[str, list[float]] = {"inverse + obs_order": [], "refit (solve)": [], "obs_refit (from the inverse)": []}
     for _ in range(args.repeats):
         start = time.perf_counter()
-        obs_order(groups, weight, hessian, args.count)
-        seconds.append(time.perf_counter() - start)
-    print(f"obs_order width {args.width} out {args.out} count {args.count}, {args.threads} thread(s): "
-          + ", ".join(f"{s:.1f}" for s in seconds) + " s")
+        inverse = damped_inverse(hessian)
+        gone = obs_order(groups, weight, inverse, args.count)
+        seconds["inverse + obs_order"].append(time.perf_counter() - start)
+        keep = kept_columns(groups, gone, args.width)
+        for name, fit in (("refit (solve)", lambda: refit(weight, hessian, keep, total, args.tokens)),
+                          ("obs_refit (from the inverse)", lambda: obs_refit(weight, inverse, keep, total, args.tokens))):
+            start = time.perf_counter()
+            fit()
+            seconds[name].append(time.perf_counter() - start)
+    print(f"width {args.width} out {args.out} count {args.count}, {args.threads} thread(s):")
+    for name, values in seconds.items():
+        print(f"  {name}: " + ", ".join(f"{s:.1f}" for s in values) + " s")
 
 
 if __name__ == "__main__":

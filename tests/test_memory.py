@@ -248,7 +248,7 @@ def test_device_map_over_two_gpus_prunes_and_runs(tmp_path, tokenizer, calib_ids
 def test_spilled_second_moments_equal_the_ones_kept_in_memory(calib_ids, tmp_path):
     """Full input second moments (the evidence fusion's held-out draw, the refit screen's readers) grow as layers x
     width^2; spilled, each layer's go to disk as the walk leaves it, and read back they are the same numbers."""
-    from hywia.reconstruct import reader_moments
+    from hywia.reconstruct import dampened, reader_inverses
     model = tiny_model("llama")
     readers = {s.reader.name for s in find_groups(model)}
     kept = collect_inputs(model, calib_ids, readers, 2, outer=True)
@@ -259,9 +259,15 @@ def test_spilled_second_moments_equal_the_ones_kept_in_memory(calib_ids, tmp_pat
         assert torch.allclose(spilled[name].full(), kept[name].full(), rtol=1e-12)
     sets = find_groups(model)
     (tmp_path / "walk").mkdir()
-    walked = reader_moments(model, sets, calib_ids, 2, spill=tmp_path / "walk")
-    in_memory = reader_moments(model, sets, calib_ids, 2)
-    assert all(torch.equal(walked[n].full(), in_memory[n].cross) for n in readers)
+    walked = reader_inverses(model, sets, calib_ids, 2, spill=tmp_path / "walk")
+    in_memory = reader_inverses(model, sets, calib_ids, 2)
+    assert all(torch.equal(walked[n].full(), in_memory[n].matrix) for n in readers)
+    for n in readers:  # the inverse of the same dampened moments (summed from float32 products: to 1e-4)
+        identity = torch.eye(len(kept[n].cross), dtype=torch.float64)
+        assert (in_memory[n].full() @ dampened(kept[n].cross) - identity).abs().max() < 1e-3
+    for inverse in walked.values():
+        inverse.discard()
+    assert not list((tmp_path / "walk").iterdir())
     stats = Stats()
     folder = stats.spill
     assert folder.is_dir()

@@ -13,7 +13,8 @@ from conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 from hywia import HywiaError, find_groups, prune
 from hywia.methods.slimgpt import incremental_ratios
 from hywia.importance import Moments
-from hywia.reconstruct import _refit_reader, dampened, group_errors, kept_columns, obs_remove, obs_select, output_error, refit
+from hywia.reconstruct import (_refit_reader, damped_inverse, dampened, group_errors, kept_columns, obs_refit, obs_remove,
+                               obs_select, output_error, refit)
 from test_io import assert_reloads_and_generates
 
 
@@ -63,6 +64,26 @@ def test_dampening_pulls_the_refit_towards_removal_alone():
     assert errors[-1] == pytest.approx(direct_error(w, x, w[:, keep], keep), rel=1e-3)
 
 
+@pytest.mark.parametrize("damp", [0.01, 1e-6])
+def test_the_refit_from_the_inverse_is_the_solved_refit_with_and_without_an_intercept(damp):
+    """`obs_refit` (the OBS update from the dampened inverse a selection made) and `refit` (the solve on the kept
+    columns) are one matrix; with an intercept the bias shift too, also where a feature is nearly constant (the
+    constant feature then nearly lies in X's span, the hard case for the block inverse)."""
+    w, x = correlated_layer(features=24, tokens=400)
+    x[5] = 3 + 1e-3 * x[5]
+    h = x @ x.T
+    inverse = damped_inverse(h, damp)
+    for keep in (torch.arange(24)[torch.arange(24) % 4 != 1], torch.arange(1, 24), torch.arange(24)):
+        solved, none = refit(w, h, keep, damp=damp)
+        from_inverse, also_none = obs_refit(w, inverse, keep)
+        assert none is None and also_none is None
+        torch.testing.assert_close(from_inverse, solved, rtol=1e-7, atol=1e-9)
+        solved_b, shift = refit(w, h, keep, x.sum(1), x.shape[1], damp=damp)
+        from_inverse_b, shift_b = obs_refit(w, inverse, keep, x.sum(1), x.shape[1])
+        torch.testing.assert_close(torch.cat([from_inverse_b, shift_b[:, None]], 1), torch.cat([solved_b, shift[:, None]], 1),
+                                   rtol=1e-7, atol=1e-7)
+
+
 def test_obs_group_error_is_the_cost_of_removing_the_group_and_refitting():
     w, x = correlated_layer(features=24)
     h = x @ x.T
@@ -106,14 +127,14 @@ def test_slimgpt_removes_a_duplicated_channel_before_a_cheap_looking_one():
     weight[:, 2] *= 0.05
     _, x = correlated_layer(features=weight.shape[1], tokens=600)
     x[0] = x[1]
-    assert set(obs_select(s, weight, x @ x.T, 1, damp=1e-8).tolist()) <= {0, 1}
+    assert set(obs_select(s, weight, damped_inverse(x @ x.T, 1e-8), 1).tolist()) <= {0, 1}
 
 
 def test_balanced_selection_takes_the_same_number_from_every_kv_group():
     model = tiny_model("llama", layers=1)
     s = next(s for s in find_groups(model, "both", attention_unit="query") if s.kind == "query")
     _, x = correlated_layer(features=s.reader.module.in_features, tokens=600)
-    gone = obs_select(s, s.reader.module.weight.data, x @ x.T, 4)  # 8 query heads over 4 KV groups: one from each
+    gone = obs_select(s, s.reader.module.weight.data, damped_inverse(x @ x.T), 4)  # 8 query heads over 4 KV groups: one from each
     assert sorted((gone // 2).tolist()) == [0, 1, 2, 3]
 
 
@@ -209,7 +230,7 @@ def test_prefix_select_answers_each_count_from_one_run(monkeypatch):
         s = next(s for s in find_groups(model, "both") if s.kind == kind)
         weight = s.reader.module.weight.data
         _, x = correlated_layer(features=s.reader.module.in_features, tokens=600, seed=3)
-        h = (x @ x.T).float()
+        h = damped_inverse((x @ x.T).float())
         select, made = reconstruct.PrefixSelect(), []
         answers = []
         for count in counts:

@@ -26,11 +26,11 @@ from .costs import trim_heap
 from .errors import HywiaError
 from .finite import check_number
 from .grouping import LayerGroups
-from .reconstruct import PrefixSelect, obs_select, reader_moments, refitted
+from .reconstruct import PrefixSelect, obs_select, reader_inverses, refitted
 
 if TYPE_CHECKING:
-    from .importance import Moments
     from .prune import Pruning
+    from .reconstruct import Inverse
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
 SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
@@ -171,11 +171,11 @@ def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]
     losses in the run's `kind_split_evidence`."""
     r = run.recipe
     screens: dict[str, Callable | None] = {}
-    inputs: dict[str, Moments] = {}
+    inputs: dict[str, Inverse] = {}
     if r.kind_split in ("evidence", "evidence-best"):
         screens["masked"] = None
     if r.kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
-        inputs = reader_moments(run.model, run.sets, run.walk_ids, r.batch_size, run.memory.device, run.stats.spill)
+        inputs = reader_inverses(run.model, run.sets, run.walk_ids, r.batch_size, run.memory.device, run.stats.spill)
         select = PrefixSelect() if run.select is obs_select else run.select  # one greedy run per set, not per candidate
         screens["refit"] = lambda gone: refitted(run.sets, gone, inputs, r.compensate, select)
     screened = {}
@@ -185,7 +185,7 @@ def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]
                                                     r.batch_size, candidate)
             screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
     finally:
-        for m in inputs.values():  # the readers' moments are spent: their files leave the disk before the build walks
+        for m in inputs.values():  # the readers' inverses are spent: their files leave the disk before the build walks
             m.discard()
     run.extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
     if len(screened) > 1:
