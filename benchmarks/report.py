@@ -117,6 +117,20 @@ def cost_by_size_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pairs_table(records: list[dict]) -> str:
+    """benchmarks/prune_cost.py rows of the default and SlimGPT run back to back, each tagged with the commit it ran at
+    (`"commit"`, added when the rows were gathered): the default's seconds with its split and build stages, SlimGPT's,
+    and their ratio, a pair per model and commit, in the file's order."""
+    lines = ["| model | commit | the default, s | SlimGPT, s | × SlimGPT |", "|---|---|---|---|---|"]
+    for model, commit in dict.fromkeys((r["row"]["model"], r["commit"]) for r in records):
+        pair = {r["row"]["method"]: r for r in records if (r["row"]["model"], r["commit"]) == (model, commit)}
+        default, slim = pair["hywia-adaptive"], pair["slimgpt"]
+        stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
+        lines.append(f"| {model} | {commit} | {default['prune_seconds']:,.0f} ({stages}) | {slim['prune_seconds']:,.0f} | "
+                     f"{default['prune_seconds'] / slim['prune_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def store_table(records: list[dict]) -> str:
     """benchmarks/prune_cost.py rows of one method with and without `--stats-store groups` (one machine, one quiet
     process a row): seconds, the whole prune's peak and the calibrate stage's, as multiples of the float32 weights."""
@@ -504,6 +518,7 @@ if __name__ == "__main__":
         ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
         ("memory.jsonl", "Memory options", memory_table),
         ("owned_weights.jsonl", "Where a prune's memory goes", stage_table),
+        ("refit_pairs.jsonl", "The default and SlimGPT back to back, before and after the refit from the inverse", pairs_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
         ("hybrid.jsonl", "Three seeds against SlimGPT: the default, reconstruction and the baselines", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),

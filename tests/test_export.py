@@ -78,11 +78,17 @@ def _as_stored(model, kind: str):
     return stored
 
 
-def _llama_cpp_logits(path, tokens: list[int], generate: bool = True) -> np.ndarray:
+def _llama_cpp():
+    """llama-cpp-python, or a skip naming its install (a failure in CI, which must have it)."""
     try:
         import llama_cpp
     except ImportError:
         require(False, "pip install llama-cpp-python (it builds llama.cpp from source)")
+    return llama_cpp
+
+
+def _llama_cpp_logits(path, tokens: list[int], generate: bool = True) -> np.ndarray:
+    llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)])
@@ -185,7 +191,7 @@ def test_sentencepiece_style_tokenizer_json_becomes_llama_cpps_llama_tokenizer(t
     """A folder whose tokenizer.json is SentencePiece-style (LLaMA 2, Gemma) exports with llama.cpp's `llama`
     tokenizer: llama.cpp tokenizes text to the same ids as transformers (BOS, "▁", byte fallback) and its logits
     on them equal transformers'."""
-    import llama_cpp
+    llama_cpp = _llama_cpp()
     model, _ = prune(tiny_model("llama"), method="l2", ratio=0.4, scope="layer")
     tokenizer = _sentencepiece_style()
     folder = save_model(model, tokenizer, tmp_path / "m", {})

@@ -124,8 +124,8 @@ def begin(model: nn.Module, tokenizer, recipe: Recipe, data_dir: str | None, dev
 
 def scratch_needed(run: Pruning) -> tuple[int, str]:
     """The most disk the prune's scratch files hold at once, and what they are: one set of the output projections'
-    float64 input second moments (the evidence fusion's held-out draw, then the refit screen's readers; each set is
-    freed once spent), or the layers of evidence-best's incumbent built aside."""
+    float64 input second moments (the evidence fusion's held-out draw, then the refit screen's readers, inverted; each
+    set is freed once spent), or the layers of evidence-best's incumbent built aside."""
     r = run.recipe
     fusion_moments = run.criterion.heldout is not None and run.criterion.heldout(r.method_options) and not (run.stats and run.stats.heldout)
     screen_moments = r.kind_split in REFIT_SPLITS and run.splits_by_evidence
