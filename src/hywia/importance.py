@@ -172,8 +172,8 @@ class Criterion:
     moments over samples land in `stats.samples`; it implies the per-sample backward passes of `needs_fisher`.
     `heldout(options)` says whether the options ask for `stats.heldout`: the full input second moments of every
     output projection on a second, disjoint draw of calibration windows (evidence for choosing among scorings).
-    `reconstructs` is the method's default `--reconstruct` (True or "obs", hywia.reconstruct); `select(set, W, H, n)` picks the
-    n groups of a set to remove from its reader's weights W and calibration Hessian H during that walk, on the
+    `reconstructs` is the method's default `--reconstruct` (True or "obs", hywia.reconstruct); `select(set, W, Hinv, n)` picks the
+    n groups of a set to remove from its reader's weights W and dampened inverse calibration Hessian during that walk, on the
     outputs of the layers already pruned (SlimGPT): the scores then only size each set's removal."""
 
     score: Callable[[list[LayerGroups], Stats, dict], Scores]
