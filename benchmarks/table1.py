@@ -10,8 +10,9 @@ so a stopped run resumes: a model folder that exists is not made again, and a ro
 (benchmarks/results/table1.jsonl, one JSON line per evaluated model) is not evaluated again.
 
 Protocol (the defaults; each is recorded in every row): pruning calibrates on 10 random 128-token windows of the
-WikiText-2 *validation* split, seed 0. Evaluation runs in bfloat16 (2.3x faster than float32 on the 2-core
-CPU; the effect is measured on the dense model, see docs/RESULTS.md): WikiText-2 (raw) and PTB test, the
+WikiText-2 *validation* split, seed 0. Evaluation runs in bfloat16 (2.3x faster than float32 on a 2-core
+CPU with native bfloat16; an AVX2-only CPU emulates it, many times slower; the effect is measured on the dense
+model, see docs/RESULTS.md): WikiText-2 (raw) and PTB test, the
 first 200 windows of the llm-pruner protocol (128 tokens) and the first 12 windows of the sparsegpt protocol
 (2048 tokens), about 25k predicted tokens each; zero-shot on the first `--limit` documents of each task.
 Recovery: `hywia finetune` at the paper's settings (LoRA r=8, alpha 16, lr 1e-4, effective batch 64) for one

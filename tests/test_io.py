@@ -133,6 +133,22 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_half_precision_load_warns_only_where_the_cpu_emulates_that_type(tmp_path, tokenizer, monkeypatch):
+    import warnings
+
+    from hywia import io
+    out = save_model(tiny_model(), tokenizer, tmp_path / "m", {})
+    for native, dtype, warned in [(False, "bfloat16", True), (False, "float16", True), (True, "bfloat16", False),
+                                  (None, "bfloat16", False), (False, "float32", False)]:
+        monkeypatch.setattr(io, "native_half", lambda _, native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, _ = load_model(str(out), dtype=dtype)
+        assert next(model.parameters()).dtype == getattr(torch, dtype)
+        said = [str(w.message) for w in caught if "native" in str(w.message)]
+        assert (len(said) == 1 and "--dtype float32" in said[0] and dtype in said[0]) == warned, (native, dtype, said)
+
+
 def test_unknown_model_paths_are_one_line_errors(tmp_path):
     with pytest.raises(HywiaError, match="not found"):
         load_model(str(tmp_path / "missing.gguf"))
