@@ -353,7 +353,8 @@ def structure_table(structured: list[dict], unstructured: list[dict]) -> str:
     for r in unstructured:
         model = json.loads(r["key"])["model"]
         rows.append((float(r["level"]), round(dense["params"] - r["achieved_sparsity"] * prunable[model]), r))
-    rows += [(r["ratio"], r["params"], r) for r in structured if r["ratio"] in {x for x, _, _ in rows[1:]} and not r["recovered"]]
+    rows += [(r["ratio"], r["params"], r) for r in structured  # Table 1's own draw, seed 0; the grid's extra seeds stay out
+             if r["ratio"] in {x for x, _, _ in rows[1:]} and not r["recovered"] and json.loads(r["key"])["seed"] == 0]
     sparsegpt = {level: r["ppl_128"]["wikitext2"]["ppl"] for level, _, r in rows if r["method"] == "sparsegpt"}
     for level, kept, r in sorted(rows, key=lambda x: (x[0], x[2]["ppl_128"]["wikitext2"]["ppl"])):
         a, b = r["ppl_128"], r["ppl_2048"]

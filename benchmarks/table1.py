@@ -39,8 +39,8 @@ from hywia.bench import _hywia, machine  # noqa: E402
 METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are made (most important first)
     "hywia": ["--method", "hywia"],
     "hywia-adaptive": ["--method", "hywia-adaptive"],  # --reconstruct obs, --kind-split evidence-best
-    "hywia-adaptive --kind-split evidence": ["--method", "hywia-adaptive", "--kind-split", "evidence"],  # the default before
-    "hywia-adaptive --reconstruct no": ["--method", "hywia-adaptive", "--reconstruct", "no"],  # the default before
+    "hywia-adaptive --kind-split evidence": ["--method", "hywia-adaptive", "--kind-split", "evidence"],  # the masked split alone
+    "hywia-adaptive --reconstruct no": ["--method", "hywia-adaptive", "--reconstruct", "no"],  # choosing without the refit
     "element2": ["--method", "element2"],
     "flap (layer scope)": ["--method", "flap", "--scope", "layer"],
     "wanda_sp": ["--method", "wanda_sp"],
