@@ -334,8 +334,9 @@ def native_half(dtype: torch.dtype) -> bool | None:
 
 def warn_emulated_half(model) -> None:
     """Warn when a bfloat16 or float16 model runs on a CPU that emulates that type: every matrix product is then
-    converted element by element, tens of times slower than float32 (64x for one of SmolLM2's MLP products on an
-    AVX2-only AMD EPYC), while on CPUs with AVX-512 or AMX bfloat16 is the faster type."""
+    converted element by element, tens of times slower than float32 (69x for one of SmolLM2's MLP products on one
+    thread of an AVX2-only AMD EPYC: benchmarks/half_speed.py), while on CPUs with AVX-512 or AMX bfloat16 is the
+    faster type."""
     weight = next(model.parameters())
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu" and native_half(weight.dtype) is False:
         kind = str(weight.dtype).removeprefix("torch.")
