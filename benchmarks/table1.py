@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from hywia.bench import _hywia, machine  # noqa: E402
+from hywia.bench import _hywia, machine, warn_emulated  # noqa: E402
 
 METHODS = {  # row label -> `hywia prune` flags; the order is the order rows are made (most important first)
     "hywia": ["--method", "hywia"],
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--kd-hidden", default="0")
     parser.add_argument("--eval-every", default=None, help="recovery steps between WikiText-2 validation perplexities (tokens.png)")
     args = parser.parse_args()
+    for dtype in {args.dtype, *([] if args.no_recovery else ["bfloat16"])}:  # recovery computes in bfloat16
+        warn_emulated(dtype, args.device)
     grid = Grid(args, args.results)
 
     def prune(method: str, ratio: float) -> Path:

@@ -112,3 +112,23 @@ def test_a_row_run_under_an_allocator_setting_records_it_and_the_stage_table_nam
     record["row"] = {**record["row"], "extra": ["--stats-store", "groups"]}
     line = report.stage_table([record]).splitlines()[2].strip(" |").split(" | ")
     assert line[3] == "--stats-store groups MALLOC_MMAP_THRESHOLD_=1048576"
+
+
+def test_a_grid_says_up_front_and_after_each_step_that_this_cpu_emulates_its_half_type(monkeypatch, capsys):
+    """A benchmark step's own warnings reach the grid's log (its stderr is captured), and a grid that will evaluate or
+    recover in bfloat16 on a CPU that emulates it says so before its first step, not an hour into it."""
+    import subprocess
+
+    from hywia import bench, io
+    said = "hywia: warning: this CPU has no native bfloat16 matrix products"
+    done = subprocess.CompletedProcess([], 0, stdout='{"ok": 1}\n', stderr=f"{said}\nprogress\n{said}\n")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: done)
+    assert bench._hywia("eval", "ppl") == {"ok": 1}
+    assert capsys.readouterr().err.splitlines() == [said]  # once, however often the step said it
+    for native, dtype, device, warned in [(False, "bfloat16", "cpu", True), (True, "bfloat16", "cpu", False),
+                                          (None, "bfloat16", "cpu", False), (False, "float32", "cpu", False),
+                                          (False, "bfloat16", "cuda", False)]:
+        monkeypatch.setattr(io, "native_half", lambda _, native=native: native)
+        bench.warn_emulated(dtype, device)
+        err = capsys.readouterr().err
+        assert ("emulates bfloat16" in err) == warned, (native, dtype, device, err)

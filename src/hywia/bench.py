@@ -36,11 +36,25 @@ class Row:
 
 def _hywia(*args: str) -> dict:
     done = subprocess.run([sys.executable, "-m", "hywia.cli", *args, "--json"], capture_output=True, text=True)
+    for line in dict.fromkeys(l for l in done.stderr.splitlines() if l.startswith("hywia: warning:")):
+        print(line, file=sys.stderr, flush=True)  # the step's warnings, once each, where the grid's log shows them
     if done.returncode != 0:  # name the error line, not the last progress bar
         lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if l.strip() and "it/s]" not in l]
         reason = next((l for l in reversed(lines) if l.startswith("hywia: error") or "Error" in l), lines[-1] if lines else "")
         raise RuntimeError(f"hywia {' '.join(args)} failed (exit {done.returncode}): {reason}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warn_emulated(dtype: str, device: str) -> None:
+    """Say before a grid starts what `hywia` would say only after its first step: this CPU emulates the half type
+    its evaluation or recovery will run in, tens of times slower than float32 (benchmarks/half_speed.py)."""
+    import torch
+
+    from .io import DTYPES, native_half
+    if device == "cpu" and dtype != "float32" and native_half(DTYPES[dtype]) is False:
+        print(f"hywia: warning: this CPU emulates {dtype} (no AVX-512 or AMX): every {dtype} step of this grid runs tens of "
+              f"times slower than float32 would (torch {torch.__version__}, CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()})", file=sys.stderr, flush=True)
 
 
 def cpu_name() -> str:
