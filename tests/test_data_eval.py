@@ -66,6 +66,25 @@ def test_prune_falls_back_to_generated_text_loudly(tokenizer, monkeypatch):
     assert ids.shape == (2, 12) and record["source"] == "generated-by-model"
 
 
+def test_self_sampled_calibration_comes_in_batches_whose_cache_fits_the_budget(tokenizer, monkeypatch):
+    """Sampling every window at once held 1.6 GB of KV cache at 135M; batches bounded by GENERATION_CACHE_BYTES give
+    the same number of windows, reproducibly."""
+    from hywia import data
+    model, sizes = tiny_model(), []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda prompt, **kw: sizes.append(len(prompt)) or generate(prompt, **kw))
+    config = model.config
+    per_sequence = 2 * config.num_hidden_layers * config.hidden_size * 12 * 4
+    monkeypatch.setattr(data, "GENERATION_CACHE_BYTES", 3 * per_sequence)
+    ids = data.generated_samples(model, tokenizer, 7, 12, seed=5)
+    assert ids.shape == (7, 12) and max(sizes) <= 3 and sum(sizes) == 7
+    assert sizes == [3, 2, 2]  # as few batches as fit, of even size
+    assert torch.equal(ids, data.generated_samples(model, tokenizer, 7, 12, seed=5))
+    monkeypatch.setattr(data, "GENERATION_CACHE_BYTES", 2**40)
+    sizes.clear()
+    assert data.generated_samples(model, tokenizer, 7, 12, seed=5).shape == (7, 12) and sizes == [7]
+
+
 @pytest.mark.parametrize("name, body", [("c.txt", "a b c\n" * 200), ("c.jsonl", '{"text": "a b c"}\n' * 200), ("c.parquet", None)])
 def test_calibration_from_a_file(tmp_path, tokenizer, name, body):
     if body is None:

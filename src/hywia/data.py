@@ -228,15 +228,32 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int, bos: int 
     return _with_bos(torch.stack([ids[s:s + body] for s in starts.tolist()]), bos)
 
 
+GENERATION_CACHE_BYTES = 2**30  # the most KV cache one batch of self-sampled calibration text may hold
+
+
+def generation_batches(model, n: int, seq_len: int) -> list[int]:
+    """How many sequences to sample at a time, batch by batch: as few even batches as keep the KV cache under
+    GENERATION_CACHE_BYTES, bounded as if every attention head kept its own keys and values. All 128 of
+    SmolLM2-135M's reconstruction windows at once held 1.6 GB of cache and heap (the peak of the README's first
+    command); a 7B model's would hold 17 GB."""
+    config = model.config.get_text_config()
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    per_sequence = 2 * (layers or 0) * (hidden or 0) * seq_len * next(model.parameters()).element_size()
+    count = -(-n // max(1, GENERATION_CACHE_BYTES // per_sequence)) if per_sequence else 1
+    return [n // count + (i < n % count) for i in range(count)]
+
+
 def generated_samples(model, tokenizer, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """Text sampled from the model itself: the last resort when no calibration data is reachable."""
     torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
-    prompt = torch.full((n, 1), start, dtype=torch.long, device=next(model.parameters()).device)
+    device, out = next(model.parameters()).device, []
     with torch.no_grad():
-        out = model.generate(prompt, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=seq_len - 1,
-                             min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id)
-    return out[:, :seq_len].cpu()
+        for size in generation_batches(model, n, seq_len):
+            prompt = torch.full((size, 1), start, dtype=torch.long, device=device)
+            out.append(model.generate(prompt, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=seq_len - 1,
+                                      min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id)[:, :seq_len].cpu())
+    return torch.cat(out)
 
 
 def calibration_samples(model, tokenizer, calib: str, n: int, seq_len: int, seed: int,
