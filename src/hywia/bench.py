@@ -50,8 +50,8 @@ def warn_emulated(dtype: str, device: str) -> None:
     its evaluation or recovery will run in, tens of times slower than float32 (benchmarks/half_speed.py)."""
     import torch
 
-    from .io import DTYPES, native_half
-    if device == "cpu" and dtype != "float32" and native_half(DTYPES[dtype]) is False:
+    from .io import DTYPES, emulated_half
+    if emulated_half(DTYPES[dtype], device):
         print(f"hywia: warning: this CPU emulates {dtype} (no AVX-512 or AMX): every {dtype} step of this grid runs tens of "
               f"times slower than float32 would (torch {torch.__version__}, CPU capability "
               f"{torch.backends.cpu.get_cpu_capability()})", file=sys.stderr, flush=True)

@@ -332,13 +332,18 @@ def native_half(dtype: torch.dtype) -> bool | None:
     return bool(check()) if check is not None else None
 
 
+def emulated_half(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether `dtype` runs emulated on `device_type`: a half type on a CPU known to lack native products for it."""
+    return dtype in (torch.bfloat16, torch.float16) and device_type == "cpu" and native_half(dtype) is False
+
+
 def warn_emulated_half(model) -> None:
     """Warn when a bfloat16 or float16 model runs on a CPU that emulates that type: every matrix product is then
     converted element by element, tens of times slower than float32 (69x for one of SmolLM2's MLP products on one
     thread of an AVX2-only AMD EPYC: benchmarks/half_speed.py), while on CPUs with AVX-512 or AMX bfloat16 is the
     faster type."""
     weight = next(model.parameters())
-    if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu" and native_half(weight.dtype) is False:
+    if emulated_half(weight.dtype, weight.device.type):
         kind = str(weight.dtype).removeprefix("torch.")
         warnings.warn(f"this CPU has no native {kind} matrix products (no AVX-512 or AMX), so PyTorch emulates them, tens of "
                       f"times slower than float32: use --dtype float32 here unless the figures must match {kind} ones",
