@@ -82,6 +82,23 @@ def test_store_table_names_each_statistics_store_and_its_calibrate_peak(report):
     assert lines[1].strip(" |").split(" | ")[4:8] == ["290", "2.15", "2.00", "1.07"]
 
 
+def test_pairs_table_pairs_the_default_with_slimgpt_of_the_same_model_ratio_and_commit(report):
+    """A pair is the two methods' rows at one model, ratio and commit: the same model at two ratios is two pairs, each
+    multiple against its own SlimGPT row; the default's split and build stages ride in brackets."""
+    def tagged(method: str, ratio: float, seconds: float, commit: str = "abc1234") -> dict:
+        r = {**row("m", method, 10**8, seconds, 1000), "commit": commit,
+             "stages": {"split": {"seconds": 10.0}, "build": {"seconds": 20.0}} if method == "hywia-adaptive" else {}}
+        r["row"] = {**r["row"], "ratio": ratio}
+        return r
+    records = [tagged("hywia-adaptive", 0.2, 300), tagged("slimgpt", 0.2, 100),
+               tagged("slimgpt", 0.5, 400), tagged("hywia-adaptive", 0.5, 600), tagged("slimgpt", 0.2, 50, "def5678"),
+               tagged("hywia-adaptive", 0.2, 200, "def5678")]
+    lines = [line.strip(" |").split(" | ") for line in report.pairs_table(records).splitlines()[2:]]
+    assert [(line[1], line[2], line[-1]) for line in lines] == [("20%", "abc1234", "3.00"), ("50%", "abc1234", "1.50"),
+                                                               ("20%", "def5678", "4.00")]
+    assert lines[1][3:5] == ["600 (split 10, build 20)", "400"]
+
+
 def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
     """One row a prune: its options, the whole peak as a multiple of the float32 weights, then each stage's own peak
     in GB; a stage the method has no use for (SlimGPT builds nothing aside) reads "-"."""
