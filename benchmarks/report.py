@@ -120,17 +120,20 @@ def cost_by_size_table(records: list[dict]) -> str:
 def pairs_table(records: list[dict]) -> str:
     """benchmarks/prune_cost.py rows of the default and SlimGPT run back to back, each tagged with the commit it ran at
     (`"commit"`, added when the rows were gathered): the default's seconds with its split and build stages, SlimGPT's,
-    and their ratio, a pair per model, ratio and commit, in the file's order."""
+    and their ratio, a pair per model, ratio and commit, in the file's order ("-" for a side that did not finish)."""
     lines = ["| model | ratio | commit | the default, s | SlimGPT, s | × SlimGPT |", "|---|---|---|---|---|---|"]
     def key(r: dict) -> tuple:
         return r["row"]["model"], r["row"]["ratio"], r["commit"]
 
     for model, ratio, commit in dict.fromkeys(map(key, records)):
         pair = {r["row"]["method"]: r for r in records if key(r) == (model, ratio, commit)}
-        default, slim = pair["hywia-adaptive"], pair["slimgpt"]
-        stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
-        lines.append(f"| {model} | {ratio:.0%} | {commit} | {default['prune_seconds']:,.0f} ({stages}) | {slim['prune_seconds']:,.0f} | "
-                     f"{default['prune_seconds'] / slim['prune_seconds']:.2f} |")
+        default, slim = pair.get("hywia-adaptive"), pair.get("slimgpt")
+        seconds = {name: f"{r['prune_seconds']:,.0f}" if r else "-" for name, r in (("default", default), ("slim", slim))}
+        if default:
+            stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
+            seconds["default"] += f" ({stages})"
+        multiple = f"{default['prune_seconds'] / slim['prune_seconds']:.2f}" if default and slim else "-"
+        lines.append(f"| {model} | {ratio:.0%} | {commit} | {seconds['default']} | {seconds['slim']} | {multiple} |")
     return "\n".join(lines)
 
 

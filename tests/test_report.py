@@ -97,6 +97,8 @@ def test_pairs_table_pairs_the_default_with_slimgpt_of_the_same_model_ratio_and_
     assert [(line[1], line[2], line[-1]) for line in lines] == [("20%", "abc1234", "3.00"), ("50%", "abc1234", "1.50"),
                                                                ("20%", "def5678", "4.00")]
     assert lines[1][3:5] == ["600 (split 10, build 20)", "400"]
+    alone = report.pairs_table([tagged("slimgpt", 0.2, 3000, "0123abc")]).splitlines()[-1]
+    assert alone == "| m | 20% | 0123abc | - | 3,000 | - |"  # the default did not finish: its side and the multiple read "-"
 
 
 def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
