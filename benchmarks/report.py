@@ -128,12 +128,15 @@ def pairs_table(records: list[dict]) -> str:
     for model, ratio, commit in dict.fromkeys(map(key, records)):
         pair = {r["row"]["method"]: r for r in records if key(r) == (model, ratio, commit)}
         default, slim = pair.get("hywia-adaptive"), pair.get("slimgpt")
-        seconds = {name: f"{r['prune_seconds']:,.0f}" if r else "-" for name, r in (("default", default), ("slim", slim))}
+        default_s = slim_s = multiple = "-"
         if default:
             stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
-            seconds["default"] += f" ({stages})"
-        multiple = f"{default['prune_seconds'] / slim['prune_seconds']:.2f}" if default and slim else "-"
-        lines.append(f"| {model} | {ratio:.0%} | {commit} | {seconds['default']} | {seconds['slim']} | {multiple} |")
+            default_s = f"{default['prune_seconds']:,.0f} ({stages})"
+        if slim:
+            slim_s = f"{slim['prune_seconds']:,.0f}"
+        if default and slim:
+            multiple = f"{default['prune_seconds'] / slim['prune_seconds']:.2f}"
+        lines.append(f"| {model} | {ratio:.0%} | {commit} | {default_s} | {slim_s} | {multiple} |")
     return "\n".join(lines)
 
 
