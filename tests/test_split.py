@@ -75,7 +75,7 @@ def test_evidence_refit_weighs_each_split_as_the_reconstruction_builds_it(family
 
 @pytest.mark.parametrize("family, seed, ratio, winner", [("llama", 3, 0.5, "refit"), ("gemma3_text", 4, 0.3, "masked"),
                                                          ("llama", 0, 0.5, "masked")])  # the last: refit lower, inside the noise
-def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed, ratio, winner, calib_ids, tmp_path):
+def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed, ratio, winner, calib_ids, tmp_path, capsys):
     """Where the masked and the refit screen choose different shares, both are built by the walk (the masked one on a
     shadow beside the model, one layer at a time, hywia.aside) and the model that comes back, in place, is the masked screen's unless the refit one's judge loss is lower
     by more than JUDGE_MARGIN standard errors of the per-window difference: the same weights as a prune with that
@@ -90,6 +90,8 @@ def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed
     screened = {name: screen["attention_share"] for name, screen in evidence["screened"].items()}
     built, kept, verdict = evidence["judge_loss"], evidence["attention_share"], evidence["judge"]
     assert evidence["candidates"] == "masked+refit" and screened["masked"] != screened["refit"]
+    shown = capsys.readouterr().err  # a bar for each stage that runs long at 1.5B: the screens' candidates, both walks
+    assert all(bar in shown for bar in ("reader inputs", "masked screen", "refit screen", "reconstruct aside", "reconstruct:"))
     stages = report.extra["stages"]  # seconds and peak memory of each stage, for hywia.json
     assert {"before", "calibrate", "score", "split", "build aside", "build"} <= set(stages)
     assert all(stage["peak_rss_mb"] > 0 for stage in stages.values()) and report.peak_rss_mb >= max(s["peak_rss_mb"] for s in stages.values())

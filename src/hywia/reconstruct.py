@@ -365,5 +365,6 @@ def remove_and_refit(model: nn.Module, sets: list[LayerGroups], removed: list[to
         return True
 
     hooks = {"before": aside.before, "finished": aside.finished, "passengers": aside.passengers} if aside is not None else {}
-    walk_layers(model, ids, set(moments), observe, after, batch_size=batch_size, device=device, desc="reconstruct", **hooks)
+    walk_layers(model, ids, set(moments), observe, after, batch_size=batch_size, device=device,
+                desc="reconstruct" if aside is None else "reconstruct aside", **hooks)
     return errors
