@@ -119,15 +119,20 @@ def cost_by_size_table(records: list[dict]) -> str:
 
 def pairs_table(records: list[dict]) -> str:
     """benchmarks/prune_cost.py rows of the default and SlimGPT run back to back, each tagged with the commit it ran at
-    (`"commit"`, added when the rows were gathered): the default's seconds with its split and build stages, SlimGPT's,
-    and their ratio, a pair per model, ratio and commit, in the file's order ("-" for a side that did not finish)."""
-    lines = ["| model | ratio | commit | the default, s | SlimGPT, s | × SlimGPT |", "|---|---|---|---|---|---|"]
-    def key(r: dict) -> tuple:
-        return r["row"]["model"], r["row"]["ratio"], r["commit"]
-
-    for model, ratio, commit in dict.fromkeys(map(key, records)):
-        pair = {r["row"]["method"]: r for r in records if key(r) == (model, ratio, commit)}
-        default, slim = pair.get("hywia-adaptive"), pair.get("slimgpt")
+    (`"commit"`, added when the rows were gathered), in the order they ran: neighbouring rows of one model and ratio,
+    one of each method, are a pair (two commits, "a / b", where the prune's code is the same at both). For each pair,
+    the default's seconds with its split and build stages, SlimGPT's, their ratio, and each one's peak as a multiple
+    of the float32 weights ("-" for a side that did not finish)."""
+    pairs: list[dict] = []
+    for r in records:
+        key = r["row"]["model"], r["row"]["ratio"]
+        if not pairs or pairs[-1]["key"] != key or r["row"]["method"] in pairs[-1]:
+            pairs.append({"key": key})
+        pairs[-1][r["row"]["method"]] = r
+    lines = ["| model | ratio | commit | the default, s | SlimGPT, s | × SlimGPT | peak × float32 weights: the default, SlimGPT |",
+             "|---|---|---|---|---|---|---|"]
+    for pair in pairs:
+        (model, ratio), default, slim = pair["key"], pair.get("hywia-adaptive"), pair.get("slimgpt")
         default_s = slim_s = multiple = "-"
         if default:
             stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
@@ -136,7 +141,9 @@ def pairs_table(records: list[dict]) -> str:
             slim_s = f"{slim['prune_seconds']:,.0f}"
         if default and slim:
             multiple = f"{default['prune_seconds'] / slim['prune_seconds']:.2f}"
-        lines.append(f"| {model} | {ratio:.0%} | {commit} | {default_s} | {slim_s} | {multiple} |")
+        commits = " / ".join(dict.fromkeys(r["commit"] for r in (slim, default) if r))
+        peaks = ", ".join(f"{r['peak_rss_mb'] * 2**20 / (4 * r['params_before']):.2f}" if r else "-" for r in (default, slim))
+        lines.append(f"| {model} | {ratio:.0%} | {commits} | {default_s} | {slim_s} | {multiple} | {peaks} |")
     return "\n".join(lines)
 
 
@@ -528,7 +535,7 @@ if __name__ == "__main__":
         ("sparsity_cpu.jsonl", "Sparsity with 4-bit weights (SmolLM2-135M, CPU)", quantized_table),
         ("memory.jsonl", "Memory options", memory_table),
         ("owned_weights.jsonl", "Where a prune's memory goes", stage_table),
-        ("refit_pairs.jsonl", "The default and SlimGPT back to back, before and after the refit from the inverse", pairs_table),
+        ("back_to_back.jsonl", "The default and SlimGPT back to back", pairs_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
         ("hybrid.jsonl", "Three seeds against SlimGPT: the default, reconstruction and the baselines", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),

@@ -82,23 +82,25 @@ def test_store_table_names_each_statistics_store_and_its_calibrate_peak(report):
     assert lines[1].strip(" |").split(" | ")[4:8] == ["290", "2.15", "2.00", "1.07"]
 
 
-def test_pairs_table_pairs_the_default_with_slimgpt_of_the_same_model_ratio_and_commit(report):
-    """A pair is the two methods' rows at one model, ratio and commit: the same model at two ratios is two pairs, each
-    multiple against its own SlimGPT row; the default's split and build stages ride in brackets."""
+def test_pairs_table_pairs_neighbouring_rows_of_one_model_and_ratio(report):
+    """A pair is the two methods' neighbouring rows at one model and ratio, as they ran back to back: the same model
+    at two ratios is two pairs, each multiple against its own SlimGPT row, and a pair run across two commits names
+    both; the default's split and build stages ride in brackets, each side's peak is bytes over the float32 weights."""
     def tagged(method: str, ratio: float, seconds: float, commit: str = "abc1234") -> dict:
-        r = {**row("m", method, 10**8, seconds, 1000), "commit": commit,
+        r = {**row("m", method, 2**28, seconds, 3072 if method == "slimgpt" else 2048), "commit": commit,
              "stages": {"split": {"seconds": 10.0}, "build": {"seconds": 20.0}} if method == "hywia-adaptive" else {}}
         r["row"] = {**r["row"], "ratio": ratio}
         return r
     records = [tagged("hywia-adaptive", 0.2, 300), tagged("slimgpt", 0.2, 100),
                tagged("slimgpt", 0.5, 400), tagged("hywia-adaptive", 0.5, 600), tagged("slimgpt", 0.2, 50, "def5678"),
-               tagged("hywia-adaptive", 0.2, 200, "def5678")]
+               tagged("hywia-adaptive", 0.2, 200, "def5678"), tagged("slimgpt", 0.2, 80, "0123abc"),
+               tagged("hywia-adaptive", 0.2, 320, "4567def")]
     lines = [line.strip(" |").split(" | ") for line in report.pairs_table(records).splitlines()[2:]]
-    assert [(line[1], line[2], line[-1]) for line in lines] == [("20%", "abc1234", "3.00"), ("50%", "abc1234", "1.50"),
-                                                               ("20%", "def5678", "4.00")]
-    assert lines[1][3:5] == ["600 (split 10, build 20)", "400"]
+    assert [(line[1], line[2], line[5]) for line in lines] == [("20%", "abc1234", "3.00"), ("50%", "abc1234", "1.50"),
+                                                              ("20%", "def5678", "4.00"), ("20%", "0123abc / 4567def", "4.00")]
+    assert lines[1][3:5] == ["600 (split 10, build 20)", "400"] and lines[1][6] == "2.00, 3.00"
     alone = report.pairs_table([tagged("slimgpt", 0.2, 3000, "0123abc")]).splitlines()[-1]
-    assert alone == "| m | 20% | 0123abc | - | 3,000 | - |"  # the default did not finish: its side and the multiple read "-"
+    assert alone == "| m | 20% | 0123abc | - | 3,000 | - | -, 3.00 |"  # the default did not finish: its cells read "-"
 
 
 def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
