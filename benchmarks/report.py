@@ -123,16 +123,16 @@ def pairs_table(records: list[dict]) -> str:
     one of each method, are a pair (two commits, "a / b", where the prune's code is the same at both). For each pair,
     the default's seconds with its split and build stages, SlimGPT's, their ratio, and each one's peak as a multiple
     of the float32 weights ("-" for a side that did not finish)."""
-    pairs: list[dict] = []
+    pairs: list[tuple[tuple, dict]] = []  # ((model, ratio), method -> row)
     for r in records:
         key = r["row"]["model"], r["row"]["ratio"]
-        if not pairs or pairs[-1]["key"] != key or r["row"]["method"] in pairs[-1]:
-            pairs.append({"key": key})
-        pairs[-1][r["row"]["method"]] = r
+        if not pairs or pairs[-1][0] != key or r["row"]["method"] in pairs[-1][1]:
+            pairs.append((key, {}))
+        pairs[-1][1][r["row"]["method"]] = r
     lines = ["| model | ratio | commit | the default, s | SlimGPT, s | × SlimGPT | peak × float32 weights: the default, SlimGPT |",
              "|---|---|---|---|---|---|---|"]
-    for pair in pairs:
-        (model, ratio), default, slim = pair["key"], pair.get("hywia-adaptive"), pair.get("slimgpt")
+    for (model, ratio), pair in pairs:
+        default, slim = pair.get("hywia-adaptive"), pair.get("slimgpt")
         default_s = slim_s = multiple = "-"
         if default:
             stages = ", ".join(f"{name} {v['seconds']:,.0f}" for name, v in default["stages"].items() if name in ("split", "build aside", "build"))
