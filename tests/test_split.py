@@ -113,6 +113,31 @@ def test_evidence_best_builds_both_screens_and_keeps_the_judged_one(family, seed
     assert torch.equal(again(calib_ids).logits, model(calib_ids).logits)
 
 
+@pytest.mark.parametrize("ratio, seed, winner", [(0.5, 9, "refit"), (0.3, 0, "masked")])
+def test_evidence_both_judges_the_refit_screens_models_and_walks_once(ratio, seed, winner, calib_ids, capsys):
+    """evidence-both settles the screens' disagreement before any walk: evidence-best's judge (its windows, texts and
+    margin) reads the refit screen's one-shot models of the two shares instead of built ones. With one decoder layer
+    the one-shot refit is the walk's, so it keeps the share evidence-best keeps, on the same judge losses, and comes
+    back with the weights of the fixed-share prune of that share, built by one walk (no build aside). Not bit for bit:
+    the walk refits the MLP on inputs from the layer's pruned attention, the one-shot refit on the dense layer's."""
+    dense = tiny_model("llama", layers=1, seed=seed)
+    reports = {}
+    for split in ("evidence-both", "evidence-best"):
+        model, reports[split] = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=ratio, calib=calib_ids, kind_split=split)
+        fixed, _ = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=ratio, calib=calib_ids,
+                         kind_split=reports[split].extra["kind_split_evidence"]["attention_share"])
+        assert all(torch.equal(p, model.state_dict()[n]) for n, p in fixed.state_dict().items())
+    both, best = (reports[s].extra["kind_split_evidence"] for s in ("evidence-both", "evidence-best"))
+    screened = {name: screen["attention_share"] for name, screen in both["screened"].items()}
+    assert both["screened"] == best["screened"] and screened["masked"] != screened["refit"]
+    assert both["attention_share"] == best["attention_share"] == screened[winner]
+    assert both["judge"]["models"] == "refit screen" and both["judge"]["windows"] == best["judge"]["windows"] == len(calib_ids)
+    assert both["judge_loss"] == pytest.approx(best["judge_loss"], abs=1e-3)
+    assert both["judge"]["difference"] == pytest.approx(best["judge"]["difference"], abs=5e-4)
+    assert "build aside" not in reports["evidence-both"].extra["stages"] and "build aside" in reports["evidence-best"].extra["stages"]
+    assert "screen judge" in capsys.readouterr().err
+
+
 def test_split_options_are_refused_with_the_fix(calib_ids):
     with pytest.raises(HywiaError, match="unknown --kind-split 'most'"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, kind_split="most")
@@ -178,6 +203,8 @@ def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_b
     assert Recipe(method="hywia-adaptive", ratio=0.3, calib="c4").resolved().judge_calib == "wikitext2"
     assert Recipe(method="hywia-adaptive", ratio=0.3, calib=calib_ids).resolved().judge_calib == "none"
     assert Recipe(method="hywia-adaptive", ratio=0.3, reconstruct=False).resolved().judge_calib is None
+    both = Recipe(method="hywia-adaptive", ratio=0.3, kind_split="evidence-both").resolved()  # the same judge, of screened models
+    assert (both.judge_calib, both.judge_samples) == ("c4", 100)
     (text_dir / "c4" / "c4-train.00000-of-01024.first1000.jsonl").unlink()
     with pytest.raises(HywiaError, match="--judge-calib c4.*--judge-calib none") as caught:
         prune(tiny_model("llama", seed=2), byte_tokenizer(), judge_calib="c4", **options)
@@ -187,7 +214,7 @@ def test_the_judge_reads_its_second_text_as_recorded_and_refuses_a_missing_one_b
     assert fallback.recipe.judge_calib == "none" and list(fallback.calibration["judge"]["texts"]) == ["wikitext2"]
     with pytest.raises(HywiaError, match="is the calibration text already"):
         prune(tiny_model(), byte_tokenizer(), judge_calib="wikitext2", **options)
-    with pytest.raises(HywiaError, match="--judge-calib sets how --kind-split evidence-best judges"):
+    with pytest.raises(HywiaError, match="--judge-calib sets how --kind-split evidence-best or evidence-both judges"):
         prune(tiny_model(), byte_tokenizer(), judge_calib="c4", **{**options, "kind_split": "evidence", "judge_samples": None})
 
 

@@ -136,7 +136,7 @@ def _check_prune(args: argparse.Namespace) -> None:
         try:
             _check_text(judge, "--judge-calib", args.data_dir, ("train", "validation"))
         except HywiaError as e:
-            raise HywiaError(f"{e}; the judge of --kind-split evidence-best reads this second text: {JUDGE_CALIB_FIX}") from None
+            raise HywiaError(f"{e}; the judge of --kind-split evidence-best or evidence-both reads this second text: {JUDGE_CALIB_FIX}") from None
     check_output(args.out, args.overwrite, inputs=(args.model,))
     check_model_ref(args.model)
     if args.gguf is not None:

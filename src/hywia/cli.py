@@ -102,7 +102,8 @@ def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
                    "of each), evidence (the split with the lowest held-out calibration loss), evidence-refit (the same, each candidate "
                    "refit as --reconstruct will build it), evidence-best (both; where they disagree, both built and judged on windows "
                    "of their own: the refit one kept only if its loss is lower beyond the windows' noise; one more reconstruction "
-                   "walk, the incumbent built beside the model one layer at a time, hywia.aside) or the fraction of attention to remove "
+                   "walk, the incumbent built beside the model one layer at a time, hywia.aside), evidence-both (both screens; where they disagree, the same judge reads the refit screen's "
+                   "one-shot models of the two shares instead of built ones: one walk, the kept share's) or the fraction of attention to remove "
                    "(default: evidence-best for hywia-adaptive, evidence with --reconstruct no; ratio for the others)")
     p.add_argument("--compensate", default=None, choices=("yes", "no"), help="fold the removed inputs' calibration means into the "
                    "output biases (FLAP's bias compensation; default: yes for flap, no for the others)")
@@ -111,9 +112,9 @@ def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
                    "jointly with their biases); obs: also let OBS errors choose which groups of each layer go, the method "
                    "still deciding how many (default: obs for hywia-adaptive, yes for slimgpt, no for the others)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="calibration windows the reconstruction fits on (default 128)")
-    p.add_argument("--judge-samples", type=int, default=None, help="--kind-split evidence-best: calibration windows, a draw of their "
-                   "own, on which the two built models are compared, window by window (default 100, at least 2)")
-    p.add_argument("--judge-calib", default=None, help="--kind-split evidence-best: a second text the judge draws as many windows "
+    p.add_argument("--judge-samples", type=int, default=None, help="--kind-split evidence-best or evidence-both: calibration windows, a draw of their "
+                   "own, on which the two models are compared, window by window (default 100, at least 2)")
+    p.add_argument("--judge-calib", default=None, help="--kind-split evidence-best or evidence-both: a second text the judge draws as many windows "
                    "from; the refit share is kept only if it wins beyond the noise on both texts (default c4, wikitext2 when "
                    "calibrating on c4, the calibration text alone with a warning where that cannot be read; none: the "
                    "calibration text alone)")

@@ -69,7 +69,7 @@ RANGES: dict[str, Range] = {
     "spread": Range(0, what="how far ratios spread"),
     "sensitivity_samples": _count("calibration windows for the sensitivity"),
     "reconstruct_samples": _count("calibration windows the reconstruction fits on"),
-    "judge_samples": _count("calibration windows that judge the built models of --kind-split evidence-best; a paired standard error needs two", 2),
+    "judge_samples": _count("calibration windows that judge the two models of --kind-split evidence-best or evidence-both; a paired standard error needs two", 2),
     "wbits": Range(2, 16, integer=True, what="bits per kept weight"),
     "layers_per_pass": _count("decoder layers per gradient sweep"),
     "batch_size": _count("sequences per batch"),

@@ -31,7 +31,7 @@ from .reconstruct import Select, obs_select
 from .removal import kept_groups
 from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
 from .scratch import check_room
-from .split import REFIT_SPLITS, SPLITS, attention_kind, screen_shares
+from .split import JUDGED_SPLITS, REFIT_SPLITS, SPLITS, attention_kind, screen_shares
 from .walk import decoder_layers
 
 
@@ -50,7 +50,7 @@ class Pruning:
     reused: bool = False
     ids: torch.Tensor | None = None  # the calibration draw
     walk_ids: torch.Tensor | None = None  # the reconstruction draw
-    judge_ids: torch.Tensor | None = None  # evidence-best's judge draw: each judge text's windows in turn
+    judge_ids: torch.Tensor | None = None  # evidence-best's (and evidence-both's) judge draw: each judge text's windows in turn
     judge_texts: dict[str, slice] = field(default_factory=dict)  # which of judge_ids each text's windows are
     judge_given: bool = False  # --judge-calib named by the user: a missing text is an error, not a fallback
     calib_record: dict = field(default_factory=lambda: {"samples": 0})
@@ -142,7 +142,7 @@ def calibrate(run: Pruning) -> None:
     r = run.recipe
     if run.criterion.needs_data or r.compensate:
         run.ids, run.calib_record = run.draw(r.samples, r.seed)
-    if r.kind_split == "evidence-best" and run.splits_by_evidence:
+    if r.kind_split in JUDGED_SPLITS and run.splits_by_evidence:
         draw_judge(run)
     run.stats = calibration_stats(run.model, run.sets, run.criterion, run.ids, r.seed, r.batch_size, r.compensate, run.stats, run.memory)
     moments = run.criterion.heldout is not None and run.criterion.heldout(r.method_options)
@@ -168,9 +168,9 @@ def draw_judge(run: Pruning) -> None:
             if text is r.calib:
                 raise
             if run.judge_given:
-                raise HywiaError(f"the judge of --kind-split evidence-best also reads --judge-calib {text}, and {e}: "
+                raise HywiaError(f"the judge of --kind-split {r.kind_split} also reads --judge-calib {text}, and {e}: "
                                  f"{JUDGE_CALIB_FIX}") from None
-            warnings.warn(f"the judge of --kind-split evidence-best reads the calibration text alone: its default second text, "
+            warnings.warn(f"the judge of --kind-split {r.kind_split} reads the calibration text alone: its default second text, "
                           f"{text}, is not reachable ({e}); the recipe records --judge-calib none", stacklevel=2)
             run.recipe = replace(r, judge_calib="none")
             break

@@ -21,7 +21,7 @@ from .grouping import ATTENTION_UNITS
 from .importance import CRITERIA, Criterion, Memory, get_criterion
 from .options import RANGES, check_fields, check_values, flag, read_record
 from .sparsify import SPARSIFIERS, check_options as check_sparsity
-from .split import REFIT_SPLITS, check_split
+from .split import JUDGED_SPLITS, REFIT_SPLITS, check_split
 
 STRUCTURED_ONLY = ("ratio", "scope", "target", "layers", "min_keep", "round_to", "fusion", "alpha", "fusion_dim", "normalize",
                    "attention_unit", "kind_split", "compensate", "reconstruct", "reconstruct_samples", "judge_samples",
@@ -140,8 +140,8 @@ class Recipe:
             raise HywiaError(f"--reconstruct-samples sets the windows a reconstruction fits on, and --method {self.method} does "
                              "not reconstruct here: add --reconstruct obs (or yes), or leave --reconstruct-samples out")
         for name in ("judge_samples", "judge_calib"):
-            if getattr(self, name) is not None and kind_split != "evidence-best":
-                raise HywiaError(f"{flag(name)} sets how --kind-split evidence-best judges its two built models: add "
+            if getattr(self, name) is not None and kind_split not in JUDGED_SPLITS:
+                raise HywiaError(f"{flag(name)} sets how --kind-split evidence-best or evidence-both judges its two models: add "
                                  f"--kind-split evidence-best, or leave {flag(name)} out")
         calib = STRUCTURED_DEFAULTS["calib"] if self.calib is None else self.calib
         if self.judge_calib is not None and isinstance(calib, str) and self.judge_calib == calib:
@@ -170,7 +170,7 @@ class Recipe:
             filled.update({k: v for k, v in own.items() if getattr(self, k) is None})
             if not filled.get("reconstruct", reconstruct):  # counts that would change nothing stay unset, as check() wants
                 filled.pop("reconstruct_samples", None)
-            if filled.get("kind_split", self.kind_split) != "evidence-best":
+            if filled.get("kind_split", self.kind_split) not in JUDGED_SPLITS:
                 filled.pop("judge_samples", None)
             elif self.judge_calib is None:
                 filled["judge_calib"] = second_text(filled.get("calib", self.calib))

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
     from .reconstruct import Inverse
 
 MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)  # evidence's candidate attention shares, as multiples of the ratio
-SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best")
-REFIT_SPLITS = ("evidence-refit", "evidence-best")  # splits that weigh candidates as the reconstruction builds them
-# evidence-best keeps the masked screen's share unless the refit one's judge loss is lower by more than this many
+SPLITS = ("ratio", "evidence", "evidence-refit", "evidence-best", "evidence-both")
+REFIT_SPLITS = ("evidence-refit", "evidence-best", "evidence-both")  # splits that weigh candidates as the reconstruction builds them
+JUDGED_SPLITS = ("evidence-best", "evidence-both")  # both screens, and a judge where they disagree: of built models, of screened ones
+# the judge keeps the masked screen's share unless the refit one's judge loss is lower by more than this many
 # standard errors of the paired per-window difference (a one-sided test at about 2.3% when nothing differs)
 JUDGE_MARGIN = 2.0
 LOGITS_BYTES = 320 * 2**20  # the most logits one held-out forward makes: 4 windows of 128 tokens up to 164k tokens
@@ -47,7 +48,7 @@ def check_split(kind_split: str | float, scope: str) -> None:
         try:
             kind_split = float(kind_split)
         except ValueError:
-            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, evidence-refit, evidence-best, or the fraction of attention "
+            raise HywiaError(f"unknown --kind-split '{kind_split}': use ratio, evidence, evidence-refit, evidence-best, evidence-both, or the fraction of attention "
                              "parameters to remove (e.g. 0.1)") from None
     if not isinstance(kind_split, str) and not 0 <= float(kind_split) < 1:
         raise HywiaError(f"--kind-split {kind_split} is out of range: give the fraction of attention parameters to remove, 0 <= x < 1")
@@ -169,12 +170,13 @@ def choose_attention_share(allocate: Callable[[float], list[torch.Tensor]], mode
 
 def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]]) -> list[float]:
     """The attention shares the recipe's evidence split screens out on the held-out draw: one, or under evidence-best
-    two where the masked and the refit screens disagree (the masked one's first: the incumbent). Records both screens'
-    losses in the run's `kind_split_evidence`."""
+    two where the masked and the refit screens disagree (the masked one's first: the incumbent). Under evidence-both
+    the judge settles a disagreement here, on the refit screen's models. Records both screens' losses in the run's
+    `kind_split_evidence`."""
     r = run.recipe
     screens: dict[str, Callable | None] = {}
     inputs: dict[str, Inverse] = {}
-    if r.kind_split in ("evidence", "evidence-best"):
+    if r.kind_split != "evidence-refit":
         screens["masked"] = None
     if r.kind_split in REFIT_SPLITS:  # weigh each candidate as the walk will build it: refit, one-shot
         inputs = reader_inverses(run.model, run.sets, run.walk_ids, r.batch_size, run.memory.device, run.stats.spill)
@@ -186,10 +188,30 @@ def screen_shares(run: Pruning, allocation: Callable[[float], list[torch.Tensor]
             chosen, losses = choose_attention_share(allocation, run.model, run.sets, r.ratio, run.stats.heldout_ids, run.means,
                                                     r.batch_size, candidate, desc=f"{weighed} screen")
             screened[weighed] = {"attention_share": chosen, "heldout_loss": losses}
+        shares = list(dict.fromkeys(s["attention_share"] for s in screened.values()))
+        run.extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
+        if len(screened) > 1:
+            run.extra["kind_split_evidence"]["screened"] = screened
+        if r.kind_split == "evidence-both" and len(shares) > 1:
+            shares = [judge_screened(run, allocation, shares, screens["refit"])]
     finally:
         for m in inputs.values():  # the readers' inverses are spent: their files leave the disk before the build walks
             m.discard()
-    run.extra["kind_split_evidence"] = {**screened[next(iter(screened))], "candidates": "+".join(screened)}
-    if len(screened) > 1:
-        run.extra["kind_split_evidence"]["screened"] = screened
-    return list(dict.fromkeys(s["attention_share"] for s in screened.values()))
+    return shares
+
+
+def judge_screened(run: Pruning, allocation: Callable[[float], list[torch.Tensor]], shares: list[float],
+                   candidate: Callable[[list[torch.Tensor]], AbstractContextManager]) -> float:
+    """evidence-both's verdict between the masked screen's share (`shares[0]`, the incumbent) and the refit screen's:
+    the judge of evidence-best (judged_share, on the same windows of two texts) reading the refit screen's one-shot
+    models of the two shares instead of the walk's built ones, so one walk builds the kept share alone. Records the
+    verdict and each share's mean judge loss as evidence-best does."""
+    r = run.recipe
+    per_window = {}
+    for share in tqdm(shares, desc="screen judge", unit="share", leave=False):
+        with candidate(allocation(share)):
+            per_window[share] = window_losses(run.model, run.judge_ids, r.batch_size)
+    share, verdict = judged_share(per_window, incumbent=shares[0], texts=run.judge_texts)
+    run.extra["kind_split_evidence"].update(attention_share=share, judge={**verdict, "models": "refit screen"},
+                                            judge_loss={s: losses.double().mean().item() for s, losses in per_window.items()})
+    return share
