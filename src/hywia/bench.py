@@ -120,6 +120,8 @@ def run_row(row: Row, data: list[str], data_dir: str, eval_seq_len: int = 128, m
                           params_before=pruned["params_before"], stages=pruned.get("extra", {}).get("stages"),
                           kept_digest=kept_digest(pruned["kept"]),
                           weights_digest=weights_digest(Path(model)))
+            if "kind_split_evidence" in pruned.get("extra", {}):  # the screens' shares and the judge's verdict, if any
+                result["kind_split_evidence"] = pruned["extra"]["kind_split_evidence"]
         if data:
             ppl = _hywia("eval", "ppl", "--model", model, "--data", *data, "--seq-len", str(eval_seq_len),
                          "--max-windows", str(max_windows), "--data-dir", data_dir)
