@@ -147,6 +147,40 @@ def pairs_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def judges_table(records: list[dict]) -> str:
+    """The default's prunes (`evidence-best`: its judge reads the two built models) beside `--kind-split evidence-both`
+    (the judge reads the refit screen's one-shot models) at one model, ratio and seed, with SlimGPT's row where one ran
+    the same day: the screens' attention shares (masked, refit), each judge's paired difference (refit - masked, nats a
+    token, ± its standard error) on each text and the share it kept, whether the kept groups are the same, and each
+    prune's seconds ("-" for a run that is not there)."""
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        row = r["row"]
+        side = "slimgpt" if row["method"] == "slimgpt" else "screened" if "evidence-both" in row["extra"] else "built"
+        cells.setdefault((row["model"], row["ratio"], row["seed"]), {})[side] = r
+    lines = ["| model | ratio | seed | screens: masked, refit | judge of the built models | judge of the screened models | "
+             "same kept groups | seconds: built, screened, SlimGPT |", "|---|---|---|---|---|---|---|---|"]
+    for (model, ratio, seed), cell in cells.items():
+        built, screened, slim = (cell.get(side) for side in ("built", "screened", "slimgpt"))
+        screens = (built or screened)["kind_split_evidence"]["screened"]
+        shares = ", ".join(f"{screens[name]['attention_share']:g}" for name in ("masked", "refit"))
+        same = "-" if not (built and screened) else "yes" if built["kept_digest"] == screened["kept_digest"] else "no"
+        seconds = ", ".join(f"{r['prune_seconds']:,.0f}" if r else "-" for r in (built, screened, slim))
+        lines.append(f"| {model} | {ratio:.0%} | {seed} | {shares} | {_verdict(built)} | {_verdict(screened)} | {same} | {seconds} |")
+    return "\n".join(lines)
+
+
+def _verdict(record: dict | None) -> str:
+    """A judge's differences on each text and the share it kept."""
+    if record is None:
+        return "-"
+    evidence = record["kind_split_evidence"]
+    judge = evidence["judge"]
+    texts = judge.get("texts", {"calibration": judge})
+    return "; ".join(f"{name} {v['difference']:+.3f} ± {v['standard_error']:.3f}" for name, v in texts.items()) + \
+        f" → {evidence['attention_share']:g}"
+
+
 def store_table(records: list[dict]) -> str:
     """benchmarks/prune_cost.py rows of one method with and without `--stats-store groups` (one machine, one quiet
     process a row): seconds, the whole prune's peak and the calibrate stage's, as multiples of the float32 weights."""
@@ -536,6 +570,7 @@ if __name__ == "__main__":
         ("memory.jsonl", "Memory options", memory_table),
         ("owned_weights.jsonl", "Where a prune's memory goes", stage_table),
         ("back_to_back.jsonl", "The default and SlimGPT back to back", pairs_table),
+        ("judges.jsonl", "The judge on built and on screened models", judges_table),
         ("hybrid.jsonl", "HyWIA's own method, ingredient by ingredient", hybrid_table),
         ("hybrid.jsonl", "Three seeds against SlimGPT: the default, reconstruction and the baselines", reconstruction_table),
         ("defaults.jsonl", "Defaults chosen on calibration data", defaults_table),

@@ -103,6 +103,27 @@ def test_pairs_table_pairs_neighbouring_rows_of_one_model_and_ratio(report):
     assert alone == "| m | 20% | 0123abc | - | 3,000 | - | -, 3.00 |"  # the default did not finish: its cells read "-"
 
 
+def test_judges_table_puts_the_two_judges_of_one_cell_side_by_side(report):
+    """One line a model, ratio and seed: the built and the screened judge's differences per text with the share each
+    kept, whether their kept groups match (by digest), and the three prunes' seconds; a cell without a SlimGPT row
+    reads "-" there, a cell whose judges kept different groups reads "no"."""
+    def judged(extra: list, seed: int, seconds: float, kept: float, digest: str, wiki: float) -> dict:
+        texts = {"wikitext2": {"difference": wiki, "standard_error": 0.005}, "c4": {"difference": -0.02, "standard_error": 0.008}}
+        r = {**row("m", "hywia-adaptive", 2**28, seconds, 2048), "kept_digest": digest,
+             "kind_split_evidence": {"attention_share": kept, "judge": {"texts": texts},
+                                     "screened": {"masked": {"attention_share": 0.0}, "refit": {"attention_share": 0.1}}}}
+        r["row"] = {**r["row"], "seed": seed, "extra": extra}
+        return r
+    slim = {**row("m", "slimgpt", 2**28, 100, 2048)}
+    slim["row"] = {**slim["row"], "seed": 0, "extra": []}
+    records = [judged(["--kind-split", "evidence-both"], 0, 350, 0.1, "aaa", -0.0334), slim, judged([], 0, 450, 0.1, "aaa", -0.035),
+               judged(["--kind-split", "evidence-best"], 1, 900, 0.1, "bbb", -0.04), judged(["--kind-split", "evidence-both"], 1, 600, 0.0, "ccc", -0.001)]
+    lines = [line.strip(" |").split(" | ") for line in report.judges_table(records).splitlines()[2:]]
+    assert lines[0] == ["m", "20%", "0", "0, 0.1", "wikitext2 -0.035 ± 0.005; c4 -0.020 ± 0.008 → 0.1",
+                        "wikitext2 -0.033 ± 0.005; c4 -0.020 ± 0.008 → 0.1", "yes", "450, 350, 100"]
+    assert lines[1][2] == "1" and lines[1][5].endswith("→ 0") and lines[1][6:] == ["no", "900, 600, -"]
+
+
 def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
     """One row a prune: its options, the whole peak as a multiple of the float32 weights, then each stage's own peak
     in GB; a stage the method has no use for (SlimGPT builds nothing aside) reads "-"."""
