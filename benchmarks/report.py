@@ -171,11 +171,13 @@ def judges_table(records: list[dict]) -> str:
 
 
 def _verdict(record: dict | None) -> str:
-    """A judge's differences on each text and the share it kept."""
+    """A judge's differences on each text and the share it kept ("none" where the screens agreed)."""
     if record is None:
         return "-"
     evidence = record["kind_split_evidence"]
-    judge = evidence["judge"]
+    judge = evidence.get("judge")
+    if judge is None:  # the screens agreed: nothing to judge
+        return f"none (screens agree) → {evidence['attention_share']:g}"
     texts = judge.get("texts", {"calibration": judge})
     return "; ".join(f"{name} {v['difference']:+.3f} ± {v['standard_error']:.3f}" for name, v in texts.items()) + \
         f" → {evidence['attention_share']:g}"

@@ -122,6 +122,9 @@ def test_judges_table_puts_the_two_judges_of_one_cell_side_by_side(report):
     assert lines[0] == ["m", "20%", "0", "0, 0.1", "wikitext2 -0.035 ± 0.005; c4 -0.020 ± 0.008 → 0.1",
                         "wikitext2 -0.033 ± 0.005; c4 -0.020 ± 0.008 → 0.1", "yes", "450, 350, 100"]
     assert lines[1][2] == "1" and lines[1][5].endswith("→ 0") and lines[1][6:] == ["no", "900, 600, -"]
+    agreed = judged([], 2, 500, 0.1, "ddd", 0.0)
+    agreed["kind_split_evidence"].pop("judge")
+    assert report.judges_table([agreed]).splitlines()[-1].split(" | ")[4] == "none (screens agree) → 0.1"
 
 
 def test_stage_table_gives_each_stages_peak_and_marks_stages_a_method_skips(report):
