@@ -18,7 +18,7 @@ from .grouping import find_groups
 from .importance import Scores
 from .reconstruct import remove_and_refit
 from .removal import remove_groups
-from .split import judged_share, window_losses
+from .split import settle, window_losses
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,10 +43,8 @@ def build(run: Pruning, scores: Scores, allocation: Callable[[float | None], lis
     with run.costs.stage("build"):
         results[shares[1]] = build_share(run, scores, allocation, shares[1])
         per_window[shares[1]] = window_losses(run.model, judge_ids, r.batch_size)
-    share, verdict = judged_share(per_window, incumbent=shares[0], texts=run.judge_texts)
+    share = settle(run, per_window, shares[0])
     aside.restore() if share == shares[0] else aside.close()  # the incumbent wins: its layers come back from disk
-    run.extra["kind_split_evidence"].update(attention_share=share, judge=verdict,
-                                            judge_loss={s: losses.double().mean().item() for s, losses in per_window.items()})
     return (share, *results[share])
 
 

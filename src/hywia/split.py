@@ -211,7 +211,15 @@ def judge_screened(run: Pruning, allocation: Callable[[float], list[torch.Tensor
     for share in tqdm(shares, desc="screen judge", unit="share", leave=False):
         with candidate(allocation(share)):
             per_window[share] = window_losses(run.model, run.judge_ids, r.batch_size)
-    share, verdict = judged_share(per_window, incumbent=shares[0], texts=run.judge_texts)
-    run.extra["kind_split_evidence"].update(attention_share=share, judge={**verdict, "models": "refit screen"},
+    return settle(run, per_window, shares[0], models="refit screen")
+
+
+def settle(run: Pruning, per_window: dict[float, torch.Tensor], incumbent: float, models: str | None = None) -> float:
+    """The judge's verdict on the run's judge texts (judged_share), recorded in the run's `kind_split_evidence` with
+    each share's mean judge loss and, if given, which `models` the judge read; returns the kept share."""
+    share, verdict = judged_share(per_window, incumbent=incumbent, texts=run.judge_texts)
+    if models is not None:
+        verdict["models"] = models
+    run.extra["kind_split_evidence"].update(attention_share=share, judge=verdict,
                                             judge_loss={s: losses.double().mean().item() for s, losses in per_window.items()})
     return share
