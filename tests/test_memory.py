@@ -402,3 +402,29 @@ def test_a_reconstruction_walk_leaves_no_memory_to_the_garbage_collector(calib_i
         gc.garbage.clear()
         gc.enable()
     assert not held, [tuple(t.shape) for t in held]
+
+
+def test_the_heap_is_trimmed_when_the_resident_set_has_grown_by_the_budget_and_not_before(monkeypatch):
+    costs = sys.modules["hywia.costs"]
+    resident, trims = iter([100, 150, 199, 260, 120, 200, 221, 130]), []
+    monkeypatch.setattr(costs, "_rss_bytes", lambda: next(resident))
+    monkeypatch.setattr(costs, "trim_heap", lambda: trims.append(True))
+    trimmer = costs.HeapTrimmer(budget=100)  # reads 100
+    for _ in range(3):  # 150, 199: within 100 of 100; 260: grown by 160, trimmed, then reads 120
+        trimmer()
+    assert len(trims) == 1 and trimmer.base == 120
+    trimmer()  # 200: within 100 of 120
+    trimmer()  # 221: grown by 101, trimmed, then reads 130
+    assert len(trims) == 2 and trimmer.base == 130
+
+
+def test_the_gradient_passes_trim_the_heap_and_gather_the_same_statistics(calib_ids, monkeypatch):
+    costs = sys.modules["hywia.costs"]
+    model = tiny_model()
+    untrimmed = grads(model, calib_ids, Memory(store="groups"), method="hywia")
+    trims = []
+    monkeypatch.setattr(costs, "GRADIENT_TRIM_BUDGET", 0)  # every freed gradient trims
+    monkeypatch.setattr(costs, "trim_heap", lambda: trims.append(True))
+    trimmed = grads(model, calib_ids, Memory(store="groups"), method="hywia")
+    assert trims and trimmed.group_sums.keys() == untrimmed.group_sums.keys()
+    assert all(torch.equal(trimmed.group_sums[k], untrimmed.group_sums[k]) for k in untrimmed.group_sums)

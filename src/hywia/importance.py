@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .costs import HeapTrimmer
 from .errors import HywiaError
 from .grouping import LayerGroups, Slot
 from .scratch import scratch_dir
@@ -280,6 +281,8 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
     grad = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in per_weight}
     squares = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in per_weight} if fisher else {}
 
+    trimmer = HeapTrimmer()  # freed gradients and their products must not pile up in the heap
+
     def add(name: str) -> None:
         if sums is not None:
             sums.add(name, params[name], params[name].grad, n)
@@ -289,6 +292,7 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, param_names: set[str]
             if fisher:  # g is the per-sample gradient scaled by 1/n; undo the scale before squaring
                 squares[name] += (g * n).square() / n
         params[name].grad = None
+        trimmer()
 
     # Each weight's gradient is added to the statistics (and freed) the moment backward has it, so only one weight's
     # gradient exists at a time instead of every prunable weight's; per-sample criteria need them all at once.
