@@ -99,10 +99,11 @@ GRADIENT_TRIM_BUDGET = 128 * 2**20
 class HeapTrimmer:
     """Called after each freed temporary: trims the heap once the resident set has grown by `budget` bytes since the
     last trim. The gradient passes free each weight's gradient and its products with the weight (1-4 MiB each at
-    135M) once a sample; glibc keeps them in a fragmented heap, and at 135M the calibrate stage peaked 0.6 GB above
-    the process before it. A trim after every weight took that peak down by as much but the gradient passes from 13
-    to 35 s (each trimmed page is faulted in again when reused); trimming on growth alone keeps most of the saving
-    for a few seconds (docs/RESULTS.md, "Where a prune's memory goes"). No-op where /proc is missing."""
+    135M, 17 MiB at 0.5B) once a sample; glibc keeps them in its heap, fragmented, and the calibrate stage's peak
+    stood 0.7 GiB above the process before it at 135M, 2.2 GiB at 0.5B. Trimmed on 128 MiB of growth it stands 0.4
+    and 0.8 GiB above, for 6 and 32 s more gradient passes (docs/RESULTS.md, "Where a prune's memory goes"); a larger
+    budget trims less often and saves less, a trim after every weight costs more (each trimmed page is faulted in
+    again when reused). No-op where /proc is missing."""
 
     def __init__(self, budget: int | None = None) -> None:
         self.budget = GRADIENT_TRIM_BUDGET if budget is None else budget
