@@ -46,6 +46,7 @@ class Sampler(threading.Thread):
             frame = sys._current_frames().get(self.main)
             stack = [f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in traceback.extract_stack(frame)
                      if "hywia" in f.filename] if frame is not None else []
+            del frame  # a frame held through the sleep keeps its locals, tensors too, alive past their function's end
             rss = rss_mb()
             if rss > self.peak[0]:
                 self.peak = (rss, stack)
