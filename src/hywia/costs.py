@@ -6,7 +6,8 @@ that when "5" is written to /proc/self/clear_refs (the high-water mark VmHWM dro
 is not possible, each stage records the process's peak so far, and says so (`rss: "cumulative"`). On CUDA the
 allocator's peak is reset per stage as well.
 
-It also holds what a run does to keep those peaks down: hand freed memory back to the OS (`release_memory`), and own
+It also holds what a run does to keep those peaks down: hand freed memory back to the OS (`release_memory`
+between stages, `HeapTrimmer` within a loop that frees as it goes), and own
 the weights it will replace (`own_weights`). transformers maps a safetensors checkpoint into memory and hands out
 tensors that are views of the mapping; once read, a page stays resident for as long as any tensor of the file lives,
 and the embedding and the norms, never pruned, live as long as the model. A Linear that removal replaces by a smaller
