@@ -99,8 +99,9 @@ class Grid:
         out = self.work / folder
         if not out.is_dir():
             print(f"[{time.strftime('%H:%M:%S')}] pruning {label}", file=sys.stderr, flush=True)
+            resume = ["--resume"] if (out.with_name(out.name + ".checkpoints") / "split.pt").is_file() else []  # a killed prune's
             _hywia("prune", "--model", self.args.model, *flags, "--seed", str(self.args.seed), "--out", str(out),
-                   "--device", self.args.device, *self.common)
+                   "--device", self.args.device, *resume, *self.common)
         return {"path": str(out), **json.loads((out / "hywia.json").read_text())}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hywia import save_model
+from hywia import HywiaError, save_model
 from hywia.cli import main
 
 
@@ -152,3 +152,38 @@ def test_recipe_pins_the_defaults_it_ran_with(model_dir, text_dir, tmp_path, cap
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = run(capsys, "prune", *flags, "--out", str(tmp_path / "new"))  # and the default today is obs
     assert code == 0 and json.loads((tmp_path / "new" / "hywia.json").read_text())["recipe"]["reconstruct"] == "obs"
+
+
+def test_a_prune_interrupted_in_its_build_resumes_there_and_makes_the_same_model(model_dir, text_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the walks leaves the stages before them in OUT.checkpoints and says how to go on; the same
+    command with --resume makes the uninterrupted prune's weights and removes the checkpoint once the model is saved."""
+    import importlib
+    from safetensors.torch import load_file
+    stages = importlib.import_module("hywia.prune")
+    command = ["prune", "--model", str(model_dir), "--method", "hywia-adaptive", "--ratio", "0.5", "--samples", "3",
+               "--seq-len", "32", "--data-dir", str(text_dir)]
+    code, _, err = run(capsys, *command, "--out", str(tmp_path / "whole"))
+    assert code == 0, err
+    build = stages.build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stages, "build", interrupted)
+    out = tmp_path / "killed"
+    code, _, err = run(capsys, *command, "--out", str(out))
+    assert code == 130 and f"are in {out}.checkpoints: run the same command with --resume" in err and not out.exists()
+
+    def full(*args, **kwargs):
+        raise HywiaError("no space left for the layers built aside")
+    monkeypatch.setattr(stages, "build", full)  # a failure in the build says the same, after its own line
+    code, _, err = run(capsys, *command, "--out", str(out), "--resume")
+    assert code == 2 and "no space left for the layers built aside; the prune's calibration, scores and split are in" in err
+    monkeypatch.setattr(stages, "build", build)
+    code, _, err = run(capsys, *command, "--out", str(out))
+    assert code == 2 and "pass --resume to continue it" in err
+    code, _, err = run(capsys, *command, "--out", str(out), "--resume")
+    assert code == 0, err
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "hywia.json").read_text())["extra"]["resumed"]["from"] == "split"
+    assert not (tmp_path / "killed.checkpoints").exists() and not (tmp_path / "whole.checkpoints").exists()

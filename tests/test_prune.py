@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -300,3 +301,42 @@ def test_reused_statistics_give_the_same_pruning(calib_ids):
     assert again.kept == first.kept and element2.kept == fresh.kept
     with pytest.raises(HywiaError, match="seed 2 cannot be reused for seed 3"):
         prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, seed=3, stats=shared)
+
+
+def test_a_prune_resumed_at_its_build_makes_the_uninterrupted_prunes_model(calib_ids, tmp_path, monkeypatch):
+    """A reconstructing prune keeps its stages before the build (calibration draws, scores, the judged split's
+    shares and evidence) in its checkpoint folder; resumed from there, it runs none of them again and builds the same
+    weights, with the same recorded recipe and evidence, the earlier stages' costs and the whole prune's seconds.
+    A checkpoint is refused for another recipe or other weights, and is neither ignored nor asked for by accident."""
+    stages = importlib.import_module("hywia.prune")  # the module: `hywia.prune` names the function
+    dense = tiny_model("llama", seed=3)
+    folder = tmp_path / "checkpoints"
+    whole, first = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.5, calib=calib_ids, checkpoint_dir=folder)
+    assert (folder / "split.pt").is_file() and len(first.extra["kind_split_evidence"]["screened"]) == 2  # judged: two walks
+    with pytest.raises(HywiaError, match="pass --resume to continue it"):
+        prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.5, calib=calib_ids, checkpoint_dir=folder)
+    with pytest.raises(HywiaError, match="another recipe or from other weights"):
+        prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.3, calib=calib_ids, checkpoint_dir=folder, resume=True)
+    with pytest.raises(HywiaError, match="another recipe or from other weights"):
+        prune(tiny_model("llama", seed=4), method="hywia-adaptive", ratio=0.5, calib=calib_ids, checkpoint_dir=folder, resume=True)
+    with pytest.raises(HywiaError, match="found no prune checkpoint"):
+        prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.5, calib=calib_ids, checkpoint_dir=tmp_path / "none", resume=True)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a resumed prune ran a stage before its build")
+    for stage in ("calibrate", "score", "screen_shares"):
+        monkeypatch.setattr(stages, stage, never)
+    resumed, again = prune(copy.deepcopy(dense), method="hywia-adaptive", ratio=0.5, calib=calib_ids, checkpoint_dir=folder, resume=True)
+    assert resumed.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(p, whole.state_dict()[n]) for n, p in resumed.state_dict().items())
+    assert again.recipe == first.recipe and again.recipe.judge_calib == "none"  # token ids: the judge read them alone
+    assert again.extra["kind_split_evidence"] == first.extra["kind_split_evidence"] and again.kept == first.kept
+    assert {name: first.extra["stages"][name] for name in ("calibrate", "score", "split")} == \
+        {name: again.extra["stages"][name] for name in ("calibrate", "score", "split")}
+    assert again.extra["resumed"]["from"] == "split" and again.seconds > again.extra["resumed"]["seconds_before"] > 0
+
+
+def test_a_choose_only_prune_keeps_no_checkpoint(calib_ids, tmp_path):
+    """Without reconstruction the build is a removal: nothing worth resuming, so nothing is written."""
+    prune(tiny_model(), method="element2", ratio=0.3, calib=calib_ids, checkpoint_dir=tmp_path / "checkpoints")
+    assert not (tmp_path / "checkpoints").exists()

@@ -147,6 +147,9 @@ def _prune_parser(sub: argparse._SubParsersAction, recipe: dict | None) -> None:
                    "(TYPE: f32, f16, bf16, q8_0, q4_0; see hywia export)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--checkpoint-dir", default=None, help="where a reconstructing prune keeps its stages before the build "
+                   "(calibration, scores, split), removed once the model is saved (default: OUT.checkpoints beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue a killed prune from its checkpoint, at the build")
     p.set_defaults(**(recipe or {}))
 
 
@@ -298,6 +301,7 @@ def _naming_recipe(path: Path, recipe: dict, given: set[str]) -> Iterator[None]:
 
 
 def _prune(args) -> dict:
+    from .checkpoints import check_resume, remove_checkpoints
     from .checks import memory_device
     from .figures import write_artifacts
     from .io import save_model
@@ -306,6 +310,8 @@ def _prune(args) -> dict:
     from .sparsify import sparsify
 
     recipe = Recipe.from_args(args)
+    checkpoints = _checkpoint_dir(args)
+    check_resume(checkpoints, args.resume)  # before the model loads: minutes at 7B
     t0 = time.perf_counter()
     model, tokenizer = _load_checked(args)
     load_seconds = time.perf_counter() - t0
@@ -313,7 +319,8 @@ def _prune(args) -> dict:
         model, report = sparsify(model, tokenizer, recipe, data_dir=args.data_dir)
         artifacts, record = None, report.as_dict()
     else:
-        model, report = prune(model, tokenizer, recipe, data_dir=args.data_dir, device=memory_device(args.device))
+        model, report = prune(model, tokenizer, recipe, data_dir=args.data_dir, device=memory_device(args.device),
+                              checkpoint_dir=checkpoints, resume=args.resume)
         artifacts, record = (lambda tmp: write_artifacts(tmp, report)), report.as_dict()  # noqa: E731
     if args.gguf:
         from .export import export_gguf
@@ -326,14 +333,20 @@ def _prune(args) -> dict:
     record = {"model": args.model, "dtype": args.dtype, "device": args.device, "data_dir": args.data_dir, **record,
               "load_seconds": load_seconds}
     save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, extra=artifacts)
+    remove_checkpoints(checkpoints)  # the model is saved: the stages kept for a resume are spent (nothing else goes)
     return {**record, "out": str(args.out)}
+
+
+def _checkpoint_dir(args) -> Path:
+    """Where a command keeps its checkpoints: --checkpoint-dir, or OUT.checkpoints beside --out."""
+    out = Path(args.out).expanduser()
+    return Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
 
 
 def _finetune(args) -> dict:
     import shutil
     import tempfile
     from dataclasses import asdict, fields
-    from pathlib import Path
 
     from .figures import plot_curve, plot_losses
     from .checkpoints import remove_checkpoints
@@ -343,7 +356,7 @@ def _finetune(args) -> dict:
 
     out = Path(args.out).expanduser()
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
-    checkpoints = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    checkpoints = _checkpoint_dir(args)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # accelerate launch: one GPU per process
     fsdp = fsdp_requested(args.fsdp)

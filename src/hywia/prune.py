@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,10 +20,11 @@ from torch import nn
 from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
+from .checkpoints import SplitCheckpoint
 from .calibrate import HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats
 from .costs import Costs, own_weights, release_memory
 from .data import calibration_ids
-from .errors import HywiaError
+from .errors import HywiaError, Interrupted
 from .finite import check_tensor, check_weights
 from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats
@@ -81,22 +83,34 @@ class Pruning:
 
 
 def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, data_dir: str | None = None,
-          device: str | None = None, stats: Stats | None = None, **options) -> tuple[nn.Module, PruneReport]:
+          device: str | None = None, stats: Stats | None = None, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, **options) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place by `recipe` (or the Recipe that keyword `options` build, e.g. method="element2",
     ratio=0.2) and return it with a report. `data_dir` holds local copies of the calibration data; `device` is where
     a sequential walk moves each layer; `stats`, an empty `Stats(seed=...)` or one a previous call filled, is filled
-    in place and reused (several options of one criterion on one dense model and draw collect gradients once)."""
+    in place and reused (several options of one criterion on one dense model and draw collect gradients once).
+    With `checkpoint_dir`, a reconstructing prune keeps its stages before the build there; `resume` starts from them."""
     run = begin(model, tokenizer, recipe_with(recipe, options, {"ratio": 0.2}), data_dir, device, stats)
-    with run.costs.stage("calibrate"):
-        calibrate(run)
-    with run.costs.stage("score"), torch.no_grad():
-        scores = score(run)
+    checkpoint = SplitCheckpoint(Path(checkpoint_dir) if checkpoint_dir is not None else None, run, resume)
+    scores, shares = checkpoint.read() or (None, None)
+    if scores is None:
+        with run.costs.stage("calibrate"):
+            calibrate(run)
+        with run.costs.stage("score"), torch.no_grad():
+            scores = score(run)
     r = run.recipe
     allocation = lambda share: allocate(run.sets, scores.per_set, r.ratio, r.scope, r.min_keep,  # noqa: E731
                                         scores.layer_ratios, share)
-    with run.costs.stage("split"):
-        shares = screen_shares(run, allocation) if run.splits_by_evidence else [None if r.kind_split in SPLITS else float(r.kind_split)]
-    share, removed, errors = build(run, scores, allocation, shares)
+    if shares is None:
+        with run.costs.stage("split"):
+            shares = screen_shares(run, allocation) if run.splits_by_evidence else [None if r.kind_split in SPLITS else float(r.kind_split)]
+        checkpoint.write(scores, shares)
+    try:
+        share, removed, errors = build(run, scores, allocation, shares)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal the CLI turned into one
+        raise Interrupted(getattr(e, "signal_name", "SIGINT"), checkpoint.kept()) from None
+    except HywiaError as e:  # e.g. the disk filled during the walk aside: say what a rerun can start from
+        raise HywiaError(f"{e}; {checkpoint.kept()}" if checkpoint.kept() else str(e)) from None
     return model, report(run, scores, share, removed, errors)
 
 
