@@ -481,8 +481,11 @@ def test_checkpoint_dir_keeps_the_users_files(world, tmp_path):
     assert not (tmp_path / "tuned2.checkpoints").exists() and (tmp_path / "tuned2" / "model.safetensors").is_file()
 
 
-def test_sigterm_while_saving_leaves_nothing(world, tmp_path, monkeypatch):
-    """A `kill` during saving: one line, exit 143, no output and no temporary folder beside it."""
+@pytest.mark.parametrize("method, checkpoint", [("element2", False), ("slimgpt", True)])
+def test_sigterm_while_saving_leaves_no_output_and_names_what_a_rerun_can_use(method, checkpoint, world, tmp_path, monkeypatch):
+    """A `kill` during saving: one line, exit 143, no output and no temporary folder beside it; a reconstructing
+    prune keeps its stages before the build in OUT.checkpoints (hywia's marker and split.pt, nothing half-written),
+    and the line says so and names --resume."""
     import hywia.figures
 
     def killed(tmp, report):
@@ -491,9 +494,14 @@ def test_sigterm_while_saving_leaves_nothing(world, tmp_path, monkeypatch):
         time.sleep(5)  # the handler raises here, at the next bytecode
     monkeypatch.setattr(hywia.figures, "write_artifacts", killed)
     out = tmp_path / "out"
-    code, _, err = run(_argv(P + R, world, out))
-    assert code == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == "hywia: interrupted (SIGTERM); no output was written"
-    assert list(tmp_path.iterdir()) == []
+    code, _, err = run(_argv(P + R, world, out) + ["--method", method])
+    line = "hywia: interrupted (SIGTERM); no output was written"
+    if checkpoint:
+        line += f"; the prune's calibration, scores and split are in {out}.checkpoints: run the same command with --resume to continue from its build"
+    assert code == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == line
+    assert [p.name for p in tmp_path.iterdir()] == (["out.checkpoints"] if checkpoint else [])
+    if checkpoint:
+        assert sorted(p.name for p in (tmp_path / "out.checkpoints").iterdir()) == [".hywia-checkpoints", "split.pt"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored for whoever called main()
 
 
@@ -535,9 +543,12 @@ def test_kill_at_any_time_leaves_a_whole_output_or_none(world, tmp_path):
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=120)
         names = sorted(p.name for p in folder.iterdir())
-        assert names in ([], ["out"]), names
-        if names:
+        assert names in ([], ["out"], ["out.checkpoints"]), names  # the last: killed in its walks, resumable
+        if "out" in names:
             assert {"config.json", "model.safetensors", "hywia.json"} <= {p.name for p in (folder / "out").iterdir()}
+        if "out.checkpoints" in names:
+            assert sorted(p.name for p in (folder / "out.checkpoints").iterdir()) == [".hywia-checkpoints", "split.pt"]
+            assert "--resume" in err.strip().splitlines()[-1]
         assert "Traceback" not in err, err
         if child.returncode == 128 + signal.SIGTERM:
             assert err.strip().splitlines()[-1].startswith("hywia: interrupted (SIGTERM)")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import HywiaError
+from .errors import HywiaError, Interrupted
 from .importance import Moments, Scores, Stats
 
 if TYPE_CHECKING:
@@ -97,12 +97,17 @@ class SplitCheckpoint:
                  "details": scores.details, "layer_ratios": scores.layer_ratios, "shares": shares}
         _atomic_save(state, self.path)
 
-    def kept(self) -> str | None:
-        """Where the stages before the build are kept, if they are: what to tell a user whose build stopped."""
-        if self.path is None or not self.path.is_file():
-            return None
-        return (f"the prune's calibration, scores and split are in {self.path.parent}: run the same command with --resume to "
-                "continue from its build")
+def kept_split(directory: Path | None) -> str | None:
+    """What a rerun can start from, if `directory` keeps a prune's stages before its build (None if it does not)."""
+    if directory is None or not (directory / SPLIT).is_file():
+        return None
+    return f"the prune's calibration, scores and split are in {directory}: run the same command with --resume to continue from its build"
+
+
+def interrupted(e: KeyboardInterrupt, directory: Path | None) -> Interrupted:
+    """A prune's interruption as the user reads it: the signal, and what a rerun can start from, if anything."""
+    kept = kept_split(directory)
+    return Interrupted(getattr(e, "signal_name", "SIGINT"), f"no output was written; {kept}" if kept else None)
 
 
 def check_resume(directory: Path | None, resume: bool) -> None:

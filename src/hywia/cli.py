@@ -301,7 +301,7 @@ def _naming_recipe(path: Path, recipe: dict, given: set[str]) -> Iterator[None]:
 
 
 def _prune(args) -> dict:
-    from .checkpoints import check_resume, remove_checkpoints
+    from .checkpoints import check_resume, interrupted, remove_checkpoints
     from .checks import memory_device
     from .figures import write_artifacts
     from .io import save_model
@@ -332,7 +332,10 @@ def _prune(args) -> dict:
             export_gguf(model, tmp / f"model.{args.gguf}.gguf", args.gguf, source=args.model)
     record = {"model": args.model, "dtype": args.dtype, "device": args.device, "data_dir": args.data_dir, **record,
               "load_seconds": load_seconds}
-    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, extra=artifacts)
+    try:
+        save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, extra=artifacts)
+    except KeyboardInterrupt as e:  # the model was not saved: its prune's stages before the build are still kept
+        raise interrupted(e, checkpoints) from None
     remove_checkpoints(checkpoints)  # the model is saved: the stages kept for a resume are spent (nothing else goes)
     return {**record, "out": str(args.out)}
 

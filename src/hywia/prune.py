@@ -20,11 +20,11 @@ from torch import nn
 from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
-from .checkpoints import SplitCheckpoint
+from .checkpoints import SplitCheckpoint, interrupted, kept_split
 from .calibrate import HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats
 from .costs import Costs, own_weights, release_memory
 from .data import calibration_ids
-from .errors import HywiaError, Interrupted
+from .errors import HywiaError
 from .finite import check_tensor, check_weights
 from .grouping import LayerGroups, find_groups
 from .importance import Criterion, Memory, Scores, Stats
@@ -91,7 +91,8 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
     in place and reused (several options of one criterion on one dense model and draw collect gradients once).
     With `checkpoint_dir`, a reconstructing prune keeps its stages before the build there; `resume` starts from them."""
     run = begin(model, tokenizer, recipe_with(recipe, options, {"ratio": 0.2}), data_dir, device, stats)
-    checkpoint = SplitCheckpoint(Path(checkpoint_dir) if checkpoint_dir is not None else None, run, resume)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoint = SplitCheckpoint(folder, run, resume)
     scores, shares = checkpoint.read() or (None, None)
     if scores is None:
         with run.costs.stage("calibrate"):
@@ -108,9 +109,11 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
     try:
         share, removed, errors = build(run, scores, allocation, shares)
     except KeyboardInterrupt as e:  # Ctrl-C, or a signal the CLI turned into one
-        raise Interrupted(getattr(e, "signal_name", "SIGINT"), checkpoint.kept()) from None
+        raise interrupted(e, folder) from None
     except HywiaError as e:  # e.g. the disk filled during the walk aside: say what a rerun can start from
-        raise HywiaError(f"{e}; {checkpoint.kept()}" if checkpoint.kept() else str(e)) from None
+        if kept_split(folder) is None:
+            raise
+        raise HywiaError(f"{e}; {kept_split(folder)}") from None
     return model, report(run, scores, share, removed, errors)
 
 
