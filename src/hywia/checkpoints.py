@@ -97,6 +97,7 @@ class SplitCheckpoint:
                  "details": scores.details, "layer_ratios": scores.layer_ratios, "shares": shares}
         _atomic_save(state, self.path)
 
+
 def kept_split(directory: Path | None) -> str | None:
     """What a rerun can start from, if `directory` keeps a prune's stages before its build (None if it does not)."""
     if directory is None or not (directory / SPLIT).is_file():
