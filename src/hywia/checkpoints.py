@@ -2,20 +2,12 @@
 hywia wrote) once the model is saved."""
 from __future__ import annotations
 
-import hashlib
 import os
-import time
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import HywiaError, Interrupted
-from .importance import Moments, Scores, Stats
-
-if TYPE_CHECKING:
-    from .prune import Pruning
 
 OWNED = ".hywia-checkpoints"  # marks a checkpoint folder hywia created, and so may remove once it is empty
 
@@ -48,54 +40,22 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-SPLIT = "split.pt"  # a prune's checkpoint: everything its build stage reads, written once the split is chosen
+SPLIT = "split.pt"  # a prune's checkpoint: everything its build reads, written once the split is chosen (hywia.prune)
 
 
-class SplitCheckpoint:
-    """A prune's stages before its build (calibrate, score, split), kept in `directory/split.pt` once the split is
-    chosen, so a reconstructing prune killed during its walks (on two CPU cores at 1.5B, hours of work) resumes at the
-    build: `read()` gives back the scores and shares, and puts the draws, records and costs of those
-    stages back into the run. A checkpoint is read only for the recipe and the weights it was made from."""
+def save_split(directory: Path, state: dict) -> None:
+    """Keep a prune's state before its build (hywia.prune.keep_split) in `directory/split.pt`, atomically."""
+    _atomic_save(state, directory / SPLIT)
 
-    def __init__(self, directory: Path | None, run: Pruning, resume: bool):
-        self.run, self.path = run, (directory / SPLIT if directory is not None else None)
-        self.key = {"recipe": run.recipe.as_dict(), "model": fingerprint(run.model, run.recipe.calib)} if directory else {}
-        check_resume(directory, resume)
 
-    def read(self) -> tuple[Scores, list] | None:
-        """The scores and shares of the checkpoint (None without one), its draws and records put back into the run."""
-        if self.path is None or not self.path.is_file():
-            return None
-        state = torch.load(self.path, weights_only=True)
-        if state["key"] != self.key:
-            raise HywiaError(f"{self.path} was made by another recipe or from other weights; resume with the same command "
-                             "and model, or remove it to start over")
-        run = self.run
-        run.recipe = replace(run.recipe, judge_calib=state["judge_calib"])
-        run.walk_ids, run.judge_ids = state["walk_ids"], state["judge_ids"]
-        run.calib_record, run.extra = state["calib_record"], state["extra"]
-        run.judge_texts = {name: slice(*bounds) for name, bounds in state["judge_texts"].items()}
-        means = {name: Moments(count, total, squares) for name, (count, total, squares) in state["means"].items()}
-        run.stats = Stats(seed=run.recipe.seed, inputs=means)  # all the build reads of the statistics: compensation's means
-        run.costs.stages.update(state["stages"])
-        run.costs.peak_mb = max(run.costs.peak_mb, state["peak_mb"])
-        run.started -= state["seconds"]  # the report's seconds are the whole prune's, both processes
-        run.extra["resumed"] = {"from": "split", "seconds_before": round(state["seconds"], 3)}
-        scores = Scores(state["per_set"], state["details"], state["layer_ratios"])
-        return scores, state["shares"]
-
-    def write(self, scores: Scores, shares: list) -> None:
-        """Keep the run's state for its build, atomically, where a build with a walk follows."""
-        run = self.run
-        if self.path is None or not run.recipe.reconstruct:
-            return
-        means = {name: (m.count, m.total, m.squares) for name, m in run.stats.inputs.items()} if run.recipe.compensate else {}
-        state = {"key": self.key, "judge_calib": run.recipe.judge_calib, "walk_ids": run.walk_ids, "judge_ids": run.judge_ids,
-                 "judge_texts": {name: (s.start, s.stop) for name, s in run.judge_texts.items()},
-                 "calib_record": run.calib_record, "extra": run.extra, "means": means, "stages": run.costs.stages,
-                 "peak_mb": run.costs.peak_mb, "seconds": time.perf_counter() - run.started, "per_set": scores.per_set,
-                 "details": scores.details, "layer_ratios": scores.layer_ratios, "shares": shares}
-        _atomic_save(state, self.path)
+def load_split(directory: Path, key: dict) -> dict:
+    """The state `save_split` kept, refused unless it was made under `key` (the recipe and the weights' digest)."""
+    path = directory / SPLIT
+    state = torch.load(path, weights_only=True)
+    if state["key"] != key:
+        raise HywiaError(f"{path} was made by another recipe or from other weights; resume with the same command "
+                         "and model, or remove it to start over")
+    return state
 
 
 def kept_split(directory: Path | None) -> str | None:
@@ -120,19 +80,6 @@ def check_resume(directory: Path | None, resume: bool) -> None:
         raise HywiaError(f"{directory} holds a prune's checkpoint ({SPLIT}); pass --resume to continue it, or remove it to start over")
     if resume and not found:
         raise HywiaError(f"--resume found no prune checkpoint in {directory}; run without --resume to start")
-
-
-def fingerprint(model: torch.nn.Module, calib: object = None) -> str:
-    """A digest of every weight's name, shape, dtype and 256 of its values (and of calibration token ids, if given):
-    what tells a checkpoint's model from another without hashing gigabytes."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        digest.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
-    if isinstance(calib, torch.Tensor):
-        digest.update(calib.cpu().numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 def _atomic_save(state: dict, path: Path) -> None:

@@ -20,18 +20,18 @@ from torch import nn
 from .adapters import adapter_for
 from .allocate import allocate
 from .build import build
-from .checkpoints import SplitCheckpoint, interrupted, kept_split
+from .checkpoints import check_resume, interrupted, kept_split, load_split, save_split
 from .calibrate import HELDOUT_SEED, JUDGE_SEED, calibration_stats, heldout_stats
 from .costs import Costs, own_weights, release_memory
 from .data import calibration_ids
 from .errors import HywiaError
 from .finite import check_tensor, check_weights
 from .grouping import LayerGroups, find_groups
-from .importance import Criterion, Memory, Scores, Stats
+from .importance import Criterion, Memory, Moments, Scores, Stats
 from .recipe import JUDGE_CALIB_FIX, Recipe, recipe_with
 from .reconstruct import Select, obs_select
 from .removal import kept_groups
-from .report import PruneReport, compare_allocations, count_params, peak_rss_mb
+from .report import PruneReport, compare_allocations, count_params, fingerprint, peak_rss_mb
 from .scratch import check_room
 from .split import JUDGED_SPLITS, REFIT_SPLITS, SPLITS, attention_kind, screen_shares
 from .walk import decoder_layers
@@ -92,8 +92,9 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
     With `checkpoint_dir`, a reconstructing prune keeps its stages before the build there; `resume` starts from them."""
     run = begin(model, tokenizer, recipe_with(recipe, options, {"ratio": 0.2}), data_dir, device, stats)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    checkpoint = SplitCheckpoint(folder, run, resume)
-    scores, shares = checkpoint.read() or (None, None)
+    check_resume(folder, resume)
+    key = split_key(run) if folder is not None else None
+    scores, shares = resume_split(run, folder, key) if resume else (None, None)
     if scores is None:
         with run.costs.stage("calibrate"):
             calibrate(run)
@@ -105,7 +106,7 @@ def prune(model: nn.Module, tokenizer=None, recipe: Recipe | None = None, *, dat
     if shares is None:
         with run.costs.stage("split"):
             shares = screen_shares(run, allocation) if run.splits_by_evidence else [None if r.kind_split in SPLITS else float(r.kind_split)]
-        checkpoint.write(scores, shares)
+        keep_split(run, scores, shares, folder, key)
     try:
         share, removed, errors = build(run, scores, allocation, shares)
     except KeyboardInterrupt as e:  # Ctrl-C, or a signal the CLI turned into one
@@ -217,6 +218,42 @@ def score(run: Pruning) -> Scores:
         del stored
         release_memory()
     return scores
+
+
+def split_key(run: Pruning) -> dict:
+    """What a prune's checkpoint must match to be resumed: the resolved recipe and a digest of the dense weights."""
+    return {"recipe": run.recipe.as_dict(), "model": fingerprint(run.model, run.recipe.calib)}
+
+
+def keep_split(run: Pruning, scores: Scores, shares: list, folder: Path | None, key: dict | None) -> None:
+    """Keep what the build reads (draws, records, costs, scores, shares) in `folder` (hywia.checkpoints), where a
+    build with a walk follows: a prune killed in its walks, hours at 1.5B on two CPU cores, resumes there."""
+    if folder is None or not run.recipe.reconstruct:
+        return
+    r = run.recipe
+    means = {name: (m.count, m.total, m.squares) for name, m in run.stats.inputs.items()} if r.compensate else {}
+    save_split(folder, {"key": key, "judge_calib": r.judge_calib, "walk_ids": run.walk_ids, "judge_ids": run.judge_ids,
+                        "judge_texts": {name: (s.start, s.stop) for name, s in run.judge_texts.items()},
+                        "calib_record": run.calib_record, "extra": run.extra, "means": means, "stages": run.costs.stages,
+                        "peak_mb": run.costs.peak_mb, "seconds": time.perf_counter() - run.started, "per_set": scores.per_set,
+                        "details": scores.details, "layer_ratios": scores.layer_ratios, "shares": shares})
+
+
+def resume_split(run: Pruning, folder: Path, key: dict) -> tuple[Scores, list]:
+    """The scores and shares `keep_split` kept, with the draws, records and costs of the stages before the build put
+    back into the run (its report's seconds and stages are the whole prune's, both processes)."""
+    state = load_split(folder, key)
+    run.recipe = replace(run.recipe, judge_calib=state["judge_calib"])
+    run.walk_ids, run.judge_ids = state["walk_ids"], state["judge_ids"]
+    run.calib_record, run.extra = state["calib_record"], state["extra"]
+    run.judge_texts = {name: slice(*bounds) for name, bounds in state["judge_texts"].items()}
+    means = {name: Moments(count, total, squares) for name, (count, total, squares) in state["means"].items()}
+    run.stats = Stats(seed=run.recipe.seed, inputs=means)  # all the build reads of the statistics: compensation's means
+    run.costs.stages.update(state["stages"])
+    run.costs.peak_mb = max(run.costs.peak_mb, state["peak_mb"])
+    run.started -= state["seconds"]
+    run.extra["resumed"] = {"from": "split", "seconds_before": round(state["seconds"], 3)}
+    return Scores(state["per_set"], state["details"], state["layer_ratios"]), state["shares"]
 
 
 def report(run: Pruning, scores: Scores, share: float | None, removed: list[torch.Tensor], errors: dict | None) -> PruneReport:

@@ -1,6 +1,7 @@
 """The report stage of a prune: what was removed, per layer and kind, and what the run cost (hywia.json's body)."""
 from __future__ import annotations
 
+import hashlib
 import resource
 from dataclasses import dataclass, field
 
@@ -68,6 +69,19 @@ def compare_allocations(sets: list[LayerGroups], details: dict[str, list[torch.T
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MiB (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fingerprint(model: nn.Module, calib: object = None) -> str:
+    """A digest of every weight's name, shape, dtype and 256 of its values (and of calibration token ids, if given):
+    what tells one model's weights from another's without hashing gigabytes (a prune's checkpoint records it)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    if isinstance(calib, torch.Tensor):
+        digest.update(calib.cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def count_params(model: nn.Module) -> int:
