@@ -23,12 +23,13 @@ def save_checkpoint(directory: Path, step: int, lora: dict[str, torch.nn.Paramet
             old.unlink()
 
 
-def remove_checkpoints(directory: Path) -> None:
-    """Remove what hywia wrote in `directory` (step-N.pt and unfinished .step-N.pt.tmp files), and the folder itself
-    only if hywia created it and nothing else is in it: a --checkpoint-dir a user named keeps their own files."""
+def remove_checkpoints(directory: Path, names: tuple[str, ...] = ("step-*.pt", ".step-*.pt.tmp")) -> None:
+    """Remove the checkpoint files a finished run wrote (`names`: fine-tuning's steps by default; a prune passes
+    PRUNE_FILES), and the folder itself only if hywia created it and nothing else is in it: a --checkpoint-dir a
+    user named keeps their own files, and one run's cleanup never takes another kind of run's checkpoint."""
     if not directory.is_dir():
         return
-    for file in [*directory.glob("step-*.pt"), *directory.glob(".step-*.pt.tmp"), *directory.glob(SPLIT), *directory.glob(f".{SPLIT}.tmp")]:
+    for file in [found for name in names for found in directory.glob(name)]:
         file.unlink()
     if (directory / OWNED).is_file() and [p.name for p in directory.iterdir()] == [OWNED]:
         (directory / OWNED).unlink()
@@ -41,6 +42,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 SPLIT = "split.pt"  # a prune's checkpoint: everything its build reads, written once the split is chosen (hywia.prune)
+PRUNE_FILES = (SPLIT, f".{SPLIT}.tmp")  # what a finished prune removes from its checkpoint folder
 
 
 def save_split(directory: Path, state: dict) -> None:

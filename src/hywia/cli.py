@@ -301,7 +301,7 @@ def _naming_recipe(path: Path, recipe: dict, given: set[str]) -> Iterator[None]:
 
 
 def _prune(args) -> dict:
-    from .checkpoints import check_resume, interrupted, remove_checkpoints
+    from .checkpoints import PRUNE_FILES, check_resume, interrupted, remove_checkpoints
     from .checks import memory_device
     from .figures import write_artifacts
     from .io import save_model
@@ -336,7 +336,7 @@ def _prune(args) -> dict:
         save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, extra=artifacts)
     except KeyboardInterrupt as e:  # the model was not saved: its prune's stages before the build are still kept
         raise interrupted(e, checkpoints) from None
-    remove_checkpoints(checkpoints)  # the model is saved: the stages kept for a resume are spent (nothing else goes)
+    remove_checkpoints(checkpoints, PRUNE_FILES)  # the model is saved: the stages kept for a resume are spent (nothing else goes)
     return {**record, "out": str(args.out)}
 
 
